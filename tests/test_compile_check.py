@@ -1,0 +1,31 @@
+"""Every Triton kernel in vilbert_kernels compiles for sm_90 (Hopper) without a GPU, with no register spills.
+
+The interpreter (where the numerical tests run on the CPU) accepts code the real compiler rejects; this closes the gap.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import vilbert_kernels
+from vilbert_kernels.compile_check import OP_MODULES
+
+KERNELS_DIR = Path(vilbert_kernels.__file__).parent
+
+
+def test_every_module_with_kernels_is_checked():
+    with_kernels = {p.stem for p in KERNELS_DIR.glob("*.py") if "@triton.jit" in p.read_text()}
+    assert with_kernels <= set(OP_MODULES), f"add {sorted(with_kernels - set(OP_MODULES))} to OP_MODULES"
+
+
+def test_all_kernels_compile_for_sm90_without_spills(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    report = tmp_path / "sm90.json"
+    proc = subprocess.run([sys.executable, "-m", "vilbert_kernels.compile_check", "--json", str(report)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(report.read_text())
+    assert rows, "no kernel was compiled"
+    assert all(row["ok"] for row in rows), [row for row in rows if not row["ok"]]
