@@ -1,0 +1,278 @@
+"""Feature stores: every reader and converter round-trips files written here in the users' formats; bad data is
+named."""
+import base64
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import lmdb
+import msgpack
+import numpy as np
+import pytest
+
+from vilbert.data import (BadRecordError, NativeStore, OfficialFeatureLmdb, OfficialPretrainLmdb, StoreWriter,
+                          TsvReader, convert, detect_format, open_store, verify_store)
+from vilbert.data.__main__ import main
+
+FEATURE_DIM = 2048
+NUM_CLASSES = 1601
+
+
+def make_records(seed, count=5, captions=True):
+    """Records like a detector's: odd region counts (including 1), non-negative features, pixel boxes."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for i, num_boxes in enumerate([1, 7, 3, 10, 36][:count]):
+        width, height = int(rng.integers(200, 800)), int(rng.integers(200, 800))
+        corner = rng.uniform(0, 100, size=(num_boxes, 2))
+        boxes = np.concatenate([corner, corner + rng.uniform(1, 100, size=(num_boxes, 2))], axis=1)
+        cls_prob = rng.dirichlet(np.full(NUM_CLASSES, 0.1), size=num_boxes)
+        record = {"image_id": str(1000 + i), "image_w": width, "image_h": height,
+                  "features": np.abs(rng.normal(size=(num_boxes, FEATURE_DIM))).astype(np.float32) * 3,
+                  "boxes": boxes.astype(np.float32), "cls_prob": cls_prob.astype(np.float32)}
+        if captions:
+            record["captions"] = [f"caption {i} of image {record['image_id']}"]
+        records.append(record)
+    return records
+
+
+def b64(array):
+    return base64.b64encode(np.ascontiguousarray(array, dtype=np.float32).tobytes())
+
+
+def write_tsv(path, records, header=False, cls_prob=True):
+    """The bottom-up-attention extractor's TSV (no header row by default)."""
+    fields = ["image_id", "image_w", "image_h", "num_boxes", "boxes", "features"] + (["cls_prob"] if cls_prob else [])
+    with open(path, "wb") as f:
+        if header:
+            f.write("\t".join(fields).encode() + b"\n")
+        for r in records:
+            cells = [r["image_id"].encode(), str(r["image_w"]).encode(), str(r["image_h"]).encode(),
+                     str(len(r["boxes"])).encode(), b64(r["boxes"]), b64(r["features"])]
+            if cls_prob:
+                cells.append(b64(r["cls_prob"]))
+            f.write(b"\t".join(cells) + b"\n")
+
+
+def write_official_lmdb(path, records, base64_arrays=False):
+    """vilbert-multi-task's downstream feature LMDB: str(image_id) -> pickled dict; b"keys" -> pickled key list."""
+    env = lmdb.open(str(path), map_size=1 << 30)
+    with env.begin(write=True) as txn:
+        for r in records:
+            item = {"image_id": int(r["image_id"]), "image_h": r["image_h"], "image_w": r["image_w"],
+                    "num_boxes": len(r["boxes"])}
+            for field in ("boxes", "features"):
+                item[field] = b64(r[field]) if base64_arrays else r[field]
+            txn.put(r["image_id"].encode(), pickle.dumps(item))
+        txn.put(b"keys", pickle.dumps([r["image_id"].encode() for r in records]))
+    env.close()
+
+
+def msgpack_numpy_default(obj):
+    """msgpack-numpy's encoding of numpy values, which tensorpack's serializer uses."""
+    if isinstance(obj, np.ndarray):
+        return {b"nd": True, b"type": obj.dtype.str, b"kind": b"", b"shape": obj.shape, b"data": obj.tobytes()}
+    if isinstance(obj, np.generic):
+        return {b"nd": False, b"type": obj.dtype.str, b"data": obj.tobytes()}
+    raise TypeError(type(obj))
+
+
+def write_tensorpack_lmdb(path, records, subdir=False, with_keys=True, use_bin_type=True):
+    """The official pretraining LMDB as tensorpack's LMDBSerializer writes it (a single file unless subdir; old msgpack
+    versions wrote without use_bin_type)."""
+    env = lmdb.open(str(path), subdir=subdir, map_size=1 << 30)
+    keys = []
+    with env.begin(write=True) as txn:
+        for i, r in enumerate(records):
+            key = b"%08d" % i
+            datapoint = [r["features"], r["cls_prob"], r["boxes"], np.int64(len(r["boxes"])), np.int64(r["image_h"]),
+                         np.int64(r["image_w"]), r["image_id"], r["captions"][0]]
+            txn.put(key, msgpack.packb(datapoint, default=msgpack_numpy_default, use_bin_type=use_bin_type))
+            keys.append(key)
+        if with_keys:
+            txn.put(b"__keys__", msgpack.packb(keys, use_bin_type=use_bin_type))
+    env.close()
+
+
+def assert_same_record(got, want, fp16=False, captions=True, cls_prob=True):
+    assert got["image_id"] == want["image_id"]
+    assert (got["image_w"], got["image_h"]) == (want["image_w"], want["image_h"])
+    np.testing.assert_array_equal(got["boxes"], want["boxes"])
+    assert got["features"].dtype == np.float32
+    expected = want["features"].astype(np.float16).astype(np.float32) if fp16 else want["features"]
+    np.testing.assert_array_equal(got["features"], expected)
+    if cls_prob:
+        expected = want["cls_prob"].astype(np.float16).astype(np.float32) if fp16 else want["cls_prob"]
+        np.testing.assert_array_equal(got["cls_prob"], expected)
+    else:
+        assert "cls_prob" not in got
+    if captions:
+        assert got["captions"] == want["captions"]
+
+
+@pytest.fixture
+def records():
+    return make_records(seed=0)
+
+
+def test_native_store_round_trip(tmp_path, records):
+    with StoreWriter(tmp_path / "store") as writer:
+        for r in records:
+            writer.add(r)
+    store = open_store(tmp_path / "store")
+    assert isinstance(store, NativeStore) and len(store) == len(records)
+    assert store.meta["count"] == len(records) and store.meta["num_classes"] == NUM_CLASSES
+    for i in (0, 3, -1, 2, 1, 4):  # random access, negative index
+        assert_same_record(store[i], records[i], fp16=True)
+    with pytest.raises(IndexError):
+        store[len(records)]
+    assert not list(tmp_path.glob("*.partial-*"))
+    # Many readers at once: a second store object on the same files shares this process's handle.
+    assert_same_record(NativeStore(tmp_path / "store")[4], records[4], fp16=True)
+
+
+def test_tsv_reader_and_converter(tmp_path, records):
+    write_tsv(tmp_path / "a.tsv", records)
+    write_tsv(tmp_path / "b.tsv", records, header=True, cls_prob=False)
+    captions = {r["image_id"]: r["captions"][0] for r in records}
+    (tmp_path / "captions.json").write_text(json.dumps(captions))
+    for name in ("a.tsv", "b.tsv"):
+        assert detect_format(tmp_path / name) == "tsv"
+        reader = open_store(tmp_path / name)
+        assert isinstance(reader, TsvReader) and len(reader) == len(records)
+        for i in (4, 0, 2):
+            assert_same_record(reader[i], records[i], captions=False, cls_prob=name == "a.tsv")
+    meta = convert(tmp_path / "a.tsv", tmp_path / "store", "tsv", captions=tmp_path / "captions.json",
+                   progress=False)
+    assert meta["count"] == len(records) and meta["skipped"] == 0
+    store = open_store(tmp_path / "store")
+    for i, r in enumerate(records):
+        assert_same_record(store[i], r, fp16=True)
+
+
+def test_official_lmdb_reader_and_converter(tmp_path, records):
+    write_official_lmdb(tmp_path / "feat.lmdb", records)
+    write_official_lmdb(tmp_path / "feat_b64.lmdb", records, base64_arrays=True)
+    # COCO-style captions, two per image.
+    annotations = [{"image_id": int(r["image_id"]), "caption": c} for r in records for c in (r["captions"][0], "x")]
+    (tmp_path / "captions.json").write_text(json.dumps({"annotations": annotations}))
+    for name in ("feat.lmdb", "feat_b64.lmdb"):
+        assert detect_format(tmp_path / name) == "official-lmdb"
+        reader = open_store(tmp_path / name)
+        assert isinstance(reader, OfficialFeatureLmdb) and len(reader) == len(records)
+        for i in (3, 0):
+            assert_same_record(reader[i], records[i], captions=False, cls_prob=False)
+    convert(tmp_path / "feat.lmdb", tmp_path / "store", "official-lmdb", captions=tmp_path / "captions.json",
+            progress=False)
+    store = open_store(tmp_path / "store")
+    assert store.meta["num_classes"] is None and store.meta["num_captions"] == 2 * len(records)
+    for i, r in enumerate(records):
+        assert_same_record(store[i], {**r, "captions": [r["captions"][0], "x"]}, fp16=True, cls_prob=False)
+
+
+@pytest.mark.parametrize("subdir,with_keys,use_bin_type", [(False, True, True), (True, False, False)])
+def test_official_pretrain_lmdb_reader_and_converter(tmp_path, records, subdir, with_keys, use_bin_type):
+    path = tmp_path / "training_feat_all.lmdb"
+    write_tensorpack_lmdb(path, records, subdir=subdir, with_keys=with_keys, use_bin_type=use_bin_type)
+    assert detect_format(path) == "official-pretrain-lmdb"
+    reader = open_store(path)
+    assert isinstance(reader, OfficialPretrainLmdb) and len(reader) == len(records)
+    for i in (4, 1):
+        assert_same_record(reader[i], records[i])
+    meta = convert(path, tmp_path / "store", "official-pretrain-lmdb", progress=False)
+    assert meta["count"] == len(records)
+    store = open_store(tmp_path / "store")
+    for i, r in enumerate(records):
+        assert_same_record(store[i], r, fp16=True)
+
+
+def test_bad_tsv_row_is_named_or_skipped(tmp_path, records):
+    write_tsv(tmp_path / "a.tsv", records)
+    data = (tmp_path / "a.tsv").read_bytes()
+    lines = data.split(b"\n")
+    lines[2] = lines[2][: len(lines[2]) // 2]  # truncated row of image 1002
+    (tmp_path / "a.tsv").write_bytes(b"\n".join(lines))
+    with pytest.raises(BadRecordError, match=r"record 2 \(image_id '1002'\)") as error:
+        convert(tmp_path / "a.tsv", tmp_path / "store", progress=False)
+    assert error.value.image_id == "1002"
+    assert not (tmp_path / "store").exists() and not list(tmp_path.glob("store.partial-*"))
+    meta = convert(tmp_path / "a.tsv", tmp_path / "store", skip_bad=True, progress=False)
+    assert meta["skipped"] == 1 and meta["count"] == len(records) - 1
+    assert [r["image_id"] for r in open_store(tmp_path / "store")] == ["1000", "1001", "1003", "1004"]
+
+
+def test_bad_values_and_shapes_are_named(tmp_path, records):
+    nan = [dict(r) for r in records]
+    nan[3]["features"] = nan[3]["features"].copy()
+    nan[3]["features"][2, 5] = np.nan
+    write_official_lmdb(tmp_path / "nan.lmdb", nan)
+    with pytest.raises(BadRecordError, match=r"record 3 \(image_id '1003'\).*NaN"):
+        convert(tmp_path / "nan.lmdb", tmp_path / "out1", progress=False)
+
+    shapes = [dict(r) for r in records]
+    shapes[1]["boxes"] = shapes[1]["boxes"][:, :3]  # (7, 3): wrong shape
+    write_tensorpack_lmdb(tmp_path / "shapes.lmdb", shapes)
+    with pytest.raises(BadRecordError, match=r"record 1 \(image_id '1001'\)"):
+        open_store(tmp_path / "shapes.lmdb")[1]
+
+    write_tsv(tmp_path / "a.tsv", records)
+    captions = {r["image_id"]: r["captions"] for r in records if r["image_id"] != "1004"}
+    with pytest.raises(BadRecordError, match=r"record 4 \(image_id '1004'\).*no caption"):
+        convert(tmp_path / "a.tsv", tmp_path / "out2", captions=captions, progress=False)
+
+    with pytest.raises(BadRecordError, match="image_w must be a positive number"):
+        with StoreWriter(tmp_path / "out3") as writer:
+            writer.add({**records[0], "image_w": 0})
+
+
+def test_damaged_native_record_is_detected(tmp_path, records):
+    with StoreWriter(tmp_path / "store") as writer:
+        for r in records:
+            writer.add(r)
+    env = lmdb.open(str(tmp_path / "store"))
+    with env.begin(write=True) as txn:
+        value = txn.get(b"%010d" % 2)
+        txn.put(b"%010d" % 2, value[: len(value) // 2])  # truncated
+    env.close()
+    store = NativeStore(tmp_path / "store")
+    assert_same_record(store[1], records[1], fp16=True)
+    with pytest.raises(BadRecordError, match=r"record 2 of .*checksum mismatch"):
+        store[2]
+    with pytest.raises(BadRecordError, match="record 2"):
+        verify_store(tmp_path / "store")
+
+
+def test_open_store_rejects_unknown_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no store"):
+        open_store(tmp_path / "missing")
+    env = lmdb.open(str(tmp_path / "other"))
+    with env.begin(write=True) as txn:
+        txn.put(b"hello", b"world")
+    env.close()
+    with pytest.raises(ValueError, match="unknown layout"):
+        open_store(tmp_path / "other")
+    with pytest.raises(ValueError, match="format must be one of"):
+        open_store(tmp_path / "other", format="hdf5")
+
+
+def test_cli_convert_synth_info(tmp_path, records, capsys):
+    write_tensorpack_lmdb(tmp_path / "pre.lmdb", records)
+    assert main(["convert", "--from", "official-pretrain-lmdb", str(tmp_path / "pre.lmdb"), str(tmp_path / "a")]) == 0
+    assert "wrote 5 records" in capsys.readouterr().out
+    assert main(["synth", str(tmp_path / "s"), "--num-images", "20", "--seed", "3"]) == 0
+    assert len(open_store(tmp_path / "s")) == 20
+    assert main(["info", str(tmp_path / "a"), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "records     5" in out and "(verified)" in out and "features (1, 2048)" in out
+    # Bad input: exit status 1 and a message naming the problem, not a traceback.
+    assert main(["convert", "--from", "tsv", str(tmp_path / "missing.tsv"), str(tmp_path / "b")]) == 1
+    assert "no TSV file at" in capsys.readouterr().err
+    assert main(["synth", str(tmp_path / "s"), "--num-images", "20"]) == 1
+    assert "already exists" in capsys.readouterr().err
+    # The module entry point, as users run it.
+    result = subprocess.run([sys.executable, "-m", "vilbert.data", "info", str(tmp_path / "s")],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr
+    assert "records     20" in result.stdout and "num_classes 1601" in result.stdout
