@@ -62,15 +62,16 @@ def co_attention(text_q, text_k, text_v, image_q, image_k, image_v, text_lens=No
 def layer_norm(x, weight, bias, eps=1e-12, residual=None, dropout_p=0.0):
     """LayerNorm(dropout(x) + residual) over the last dim (the BERT output block after the dense bias).
 
-    x, residual: (..., C); weight, bias: (C,). Statistics in fp32, output in x's dtype.
+    x, residual: (..., C); weight, bias: (C,). Statistics in fp32 (fp64 for fp64 input), output in x's dtype.
     """
     if dropout_p > 0.0:
         x = F.dropout(x, p=dropout_p, training=True)
     if residual is not None:
         x = x + residual
-    return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
+    compute = torch.promote_types(x.dtype, torch.float32)
+    return F.layer_norm(x.to(compute), (x.shape[-1],), weight.to(compute), bias.to(compute), eps).to(x.dtype)
 
 
 def bias_gelu(x, bias):
-    """Exact (erf) GELU of x + bias. x: (..., C); bias: (C,)."""
-    return F.gelu(x + bias)
+    """Exact (erf) GELU of x + bias, in x's dtype. x: (..., C); bias: (C,)."""
+    return F.gelu(x + bias.to(x.dtype))

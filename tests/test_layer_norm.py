@@ -1,0 +1,277 @@
+"""vilbert_kernels.layer_norm: LayerNorm(dropout(x) + residual) against float64 references, forward and every gradient.
+
+On the CPU the kernels run in Triton's interpreter (fp32); the fp16/bf16 checks are GPU-marked. Tolerances are relative
+to PyTorch's own error doing the same maths in the same dtype (reference.layer_norm), plus a small floor.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vilbert_kernels import layer_norm, reference
+from vilbert_kernels.layer_norm import _as_rows, _draw_seed, _dropout_keep_mask
+
+GRAD_NAMES = ("dx", "dweight", "dbias", "dresidual")
+
+
+def assert_close(name, actual, expected, baseline, factor, floor=1e-6):
+    """actual's worst error against the float64 `expected` is at most `factor` times the worst error of `baseline`
+    (PyTorch, same maths, actual's dtype) plus `floor` (relative to expected's scale); reports the worst element."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if expected.numel() == 0:
+        return
+    err = (actual.double() - expected).abs()
+    allowed = factor * (baseline.double() - expected).abs().max().item() + floor * (1 + expected.abs().max().item())
+    worst = int(torch.nan_to_num(err, nan=float("inf")).argmax())
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), err.shape))
+    assert err.flatten()[worst] <= allowed, (
+        f"{name}: worst error {err.flatten()[worst]:.3e} at {index} (got {actual.flatten()[worst].item():.6g}, "
+        f"expected {expected.flatten()[worst].item():.6g}); allowed {allowed:.3e}")
+
+
+def reference_f64(x, weight, bias, eps=1e-12, residual=None, keep=None, dropout_p=0.0):
+    """reference.layer_norm's maths with a given dropout keep mask, in x's dtype (reference.layer_norm itself always
+    normalises in fp32, so it cannot be the float64 reference)."""
+    z = x if keep is None else x * keep / (1.0 - dropout_p)
+    if residual is not None:
+        z = z + residual
+    return F.layer_norm(z, (z.shape[-1],), weight, bias, eps)
+
+
+def run(op, dtype, x, weight, bias, residual, dy, **kwargs):
+    """op on fresh leaf copies in dtype, then backward with dy; returns [y, dx, dweight, dbias(, dresidual)]."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (x, weight, bias)]
+    if residual is not None:
+        leaves.append(residual.detach().to(dtype).requires_grad_())
+    y = op(*leaves[:3], residual=leaves[3] if residual is not None else None, **kwargs)
+    y.backward(dy.to(dtype))
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+def peek_op_seed():
+    """The Philox seed the next layer_norm call with dropout will draw, leaving the generator untouched."""
+    state = torch.get_rng_state()
+    op_seed = _draw_seed()
+    torch.set_rng_state(state)
+    return op_seed
+
+
+def check_against_references(x, weight, bias, residual, dy, dropout_p, eps=1e-12, dtype=torch.float32):
+    """The kernel in dtype against float64 (same dropout mask) with PyTorch-in-dtype as the error baseline."""
+    rows, C = x.reshape(-1, x.shape[-1]).shape
+    keep = None
+    if dropout_p > 0.0:
+        keep = _dropout_keep_mask(rows, C, dropout_p, peek_op_seed(), x.device).reshape(x.shape)
+    got = run(layer_norm, dtype, x, weight, bias, residual, dy, eps=eps, dropout_p=dropout_p)
+    expected = run(reference_f64, torch.float64, x, weight, bias, residual, dy, eps=eps, keep=keep,
+                   dropout_p=dropout_p)
+
+    def baseline_op(x, weight, bias, residual=None, eps=1e-12):
+        return reference.layer_norm(x if keep is None else x * keep / (1.0 - dropout_p), weight, bias, eps, residual)
+
+    baseline = run(baseline_op, dtype, x, weight, bias, residual, dy, eps=eps)
+    floor = 1e-6 if dtype == torch.float32 else torch.finfo(dtype).eps / 4  # below 1/2 unit of rounding in dtype
+    for name, g, e, b in zip(("y",) + GRAD_NAMES, got, expected, baseline):
+        assert g.dtype == dtype, f"{name} has dtype {g.dtype}, expected {dtype}"
+        assert_close(name, g, e, b, factor=2 if name == "y" else 3, floor=floor)
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Every torch.empty the op makes comes back full of NaN, so a value the kernels fail to write shows up."""
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+
+
+@pytest.mark.parametrize("fusion", ["plain", "residual", "residual+dropout"])
+@pytest.mark.parametrize("C", [1, 7, 33, 768, 1000, 1024])
+@pytest.mark.parametrize("rows", [1, 3, 17])
+def test_matches_float64_reference(rows, C, fusion, seed, device, poison_empty):
+    x, dy = torch.randn(rows, C, device=device), torch.randn(rows, C, device=device)
+    weight, bias = torch.randn(C, device=device), torch.randn(C, device=device)
+    residual = torch.randn(rows, C, device=device) if "residual" in fusion else None
+    check_against_references(x, weight, bias, residual, dy, dropout_p=0.25 if "dropout" in fusion else 0.0)
+
+
+def test_many_row_blocks(seed, device, poison_empty):
+    """More row blocks than backward programs: each program sums dweight / dbias over several blocks."""
+    x, residual, dy = (torch.randn(300, 33, device=device) for _ in range(3))
+    weight, bias = torch.randn(33, device=device), torch.randn(33, device=device)
+    check_against_references(x, weight, bias, residual, dy, dropout_p=0.25)
+
+
+@pytest.mark.parametrize("C", [4097, 8192])
+def test_widest_rows(C, seed, device):
+    x, residual, dy = (torch.randn(2, C, device=device) for _ in range(3))
+    weight, bias = torch.randn(C, device=device), torch.randn(C, device=device)
+    check_against_references(x, weight, bias, residual, dy, dropout_p=0.1, eps=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("C", [3072, 5000, 8192])
+def test_wide_rows_many(C, seed, device):
+    x, residual, dy = (torch.randn(33, C, device=device) for _ in range(3))
+    weight, bias = torch.randn(C, device=device), torch.randn(C, device=device)
+    check_against_references(x, weight, bias, residual, dy, dropout_p=0.1)
+
+
+def test_strided_and_batched_inputs(seed, device, poison_empty):
+    C = 40
+    # (2, 5, C) views with row stride C + 8: the kernels read them in place.
+    x = torch.randn(2, 5, C + 8, device=device)[..., :C]
+    residual = torch.randn(2, 5, C + 3, device=device)[..., 3:]
+    dy = torch.randn(2, 5, C + 1, device=device)[..., 1:]
+    assert _as_rows(x, C).data_ptr() == x.data_ptr()
+    weight, bias = torch.randn(C, device=device), torch.randn(C, device=device)
+    check_against_references(x, weight, bias, residual, dy, dropout_p=0.2)
+    # A column stride other than 1 is copied first.
+    x_t = torch.randn(C, 6, device=device).t()  # (6, C), column stride 6
+    check_against_references(x_t, weight, bias, None, torch.randn(6, C, device=device), dropout_p=0.0)
+
+
+@pytest.mark.parametrize("shape", [(0, 16), (2, 0, 16)])
+def test_no_rows(shape, device):
+    x = torch.randn(shape, device=device, requires_grad=True)
+    weight = torch.randn(16, device=device, requires_grad=True)
+    bias = torch.randn(16, device=device, requires_grad=True)
+    y = layer_norm(x, weight, bias, residual=torch.zeros_like(x), dropout_p=0.5)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert torch.equal(weight.grad, torch.zeros(16, device=device))
+    assert torch.equal(bias.grad, torch.zeros(16, device=device))
+
+
+def test_dropout_reproducible_under_manual_seed_and_fresh_per_call(device):
+    x, residual, dy = (torch.randn(5, 64, device=device) for _ in range(3))
+    weight, bias = torch.randn(64, device=device), torch.randn(64, device=device)
+    torch.manual_seed(1)
+    first = run(layer_norm, torch.float32, x, weight, bias, residual, dy, dropout_p=0.3)
+    torch.manual_seed(1)
+    again = run(layer_norm, torch.float32, x, weight, bias, residual, dy, dropout_p=0.3)
+    other = run(layer_norm, torch.float32, x, weight, bias, residual, dy, dropout_p=0.3)
+    for name, a, b in zip(("y",) + GRAD_NAMES, first, again):
+        assert torch.equal(a, b), f"{name} differs under the same torch.manual_seed"
+    assert not torch.equal(first[0], other[0]), "two calls drew the same dropout mask"
+
+
+@pytest.mark.parametrize("dropout_p", [0.1, 0.5, 0.9])
+def test_dropout_keep_rate(dropout_p, seed, device):
+    rows, C = 16, 1000
+    keep = _dropout_keep_mask(rows, C, dropout_p, _draw_seed(), device)
+    n = rows * C
+    sigma = (dropout_p * (1 - dropout_p) / n) ** 0.5
+    assert abs(keep.float().mean().item() - (1 - dropout_p)) < 5 * sigma
+    # Neither rows nor columns repeat the same mask.
+    assert not torch.equal(keep[0], keep[1]) and not torch.equal(keep[:, 0], keep[:, 1])
+
+
+def test_finite_difference_with_fixed_seed(seed, device):
+    """Directional derivative of sum(g * y) along a random direction, with the dropout mask held fixed by the seed."""
+    rows, C, dropout_p = 3, 33, 0.3
+    x, weight, bias, residual = (torch.randn(shape, device=device) for shape in ((rows, C), (C,), (C,), (rows, C)))
+    g = torch.randn(rows, C, device=device)
+    inputs = [t.requires_grad_() for t in (x, weight, bias, residual)]
+    direction = [torch.randn_like(t) for t in inputs]
+
+    def loss(x, weight, bias, residual):
+        torch.manual_seed(seed)
+        return (g * layer_norm(x, weight, bias, 1e-5, residual, dropout_p)).sum()
+
+    loss(*inputs).backward()
+    analytic = sum((t.grad * v).sum() for t, v in zip(inputs, direction)).item()
+    h = 1e-2
+    with torch.no_grad():
+        plus = loss(*(t + h * v for t, v in zip(inputs, direction))).item()
+        minus = loss(*(t - h * v for t, v in zip(inputs, direction))).item()
+    numeric = (plus - minus) / (2 * h)
+    assert abs(numeric - analytic) <= 1e-2 * (1 + abs(analytic)), (numeric, analytic)
+
+
+def test_autocast_runs_in_autocast_dtype(seed, device):
+    low = torch.bfloat16 if device.type == "cpu" else torch.float16
+    # As in a model under autocast: x from a GEMM in the low dtype, an fp32 residual stream, fp32 parameters.
+    x = torch.randn(4, 48, device=device).to(low).requires_grad_()
+    residual = torch.randn(4, 48, device=device).requires_grad_()
+    weight, bias = torch.randn(48, device=device), torch.randn(48, device=device)
+    with torch.autocast(device.type, dtype=low):
+        y = layer_norm(x, weight, bias, residual=residual)
+    assert y.dtype == low
+    y.float().sum().backward()
+    assert x.grad.dtype == low and residual.grad.dtype == torch.float32
+    expected = reference_f64(x.detach().double(), weight.double(), bias.double(), residual=residual.detach().double())
+    assert (y.double() - expected).abs().max() < 0.1  # a few units of bf16 / fp16 rounding at |y| ~ 3
+
+
+BAD_INPUTS = [
+    (dict(x=[[1.0]]), TypeError, "x must be a torch.Tensor"),
+    (dict(x=torch.ones(2, 8, dtype=torch.float64)), TypeError, "x has dtype torch.float64"),
+    (dict(x=torch.ones(2, 8, dtype=torch.int32)), TypeError, "x has dtype torch.int32"),
+    (dict(x=torch.tensor(1.0)), ValueError, r"x has shape \(\)"),
+    (dict(x=torch.ones(1, 8193), weight=torch.ones(8193), bias=torch.ones(8193)), ValueError, "C <= 8192"),
+    (dict(weight=torch.ones(9)), ValueError, r"weight has shape \(9,\); expected \(8,\)"),
+    (dict(bias=torch.ones(1, 8)), ValueError, r"bias has shape \(1, 8\)"),
+    (dict(weight=torch.ones(8, dtype=torch.float64)), TypeError, "weight has dtype torch.float64"),
+    (dict(bias=torch.ones(8, device="meta")), ValueError, "bias is on meta"),
+    (dict(residual=torch.ones(2, 7)), ValueError, r"residual has shape \(2, 7\)"),
+    (dict(residual=torch.ones(2, 8, dtype=torch.float16)), TypeError, "residual has dtype torch.float16"),
+    (dict(dropout_p=1.0), ValueError, "dropout_p is 1.0"),
+    (dict(dropout_p=-0.1), ValueError, "dropout_p is -0.1"),
+    (dict(dropout_p=True), ValueError, "dropout_p is True"),
+    (dict(eps=-1e-5), ValueError, "eps is -1e-05"),
+]
+
+
+@pytest.mark.parametrize("bad, error, message", BAD_INPUTS)
+def test_bad_inputs_raise_clear_errors(bad, error, message):
+    args = dict(x=torch.ones(2, 8), weight=torch.ones(8), bias=torch.zeros(8), eps=1e-12, residual=None,
+                dropout_p=0.0)
+    args.update(bad)
+    with pytest.raises(error, match=message):
+        layer_norm(**args)
+
+
+def test_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="need a CUDA device"):
+        layer_norm(torch.ones(2, 8), torch.ones(8), torch.zeros(8))
+
+
+@pytest.mark.slow
+def test_compiles_for_sm90_without_spills():
+    """This module's kernels alone (the default run compiles the same specs in tests/test_compile_check.py)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "vilbert_kernels.compile_check", "--modules", "layer_norm"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("C", [768, 1000, 1024, 3072, 8192])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_half_precision_on_gpu(dtype, C, dropout_p, seed, device):
+    x, residual, dy = (torch.randn(4, 37, C, device=device) for _ in range(3))
+    weight, bias = 1 + 0.1 * torch.randn(C, device=device), 0.1 * torch.randn(C, device=device)
+    # Round the inputs to dtype first, so every path sees the same values.
+    x, residual, dy, weight, bias = (t.to(dtype).float() for t in (x, residual, dy, weight, bias))
+    check_against_references(x, weight, bias, residual, dy, dropout_p, dtype=dtype)
+
+
+@pytest.mark.gpu
+def test_backward_is_deterministic_on_gpu(seed, device):
+    x, residual, dy = (torch.randn(512, 1024, device=device) for _ in range(3))
+    weight, bias = torch.randn(1024, device=device), torch.randn(1024, device=device)
+    torch.manual_seed(seed)
+    first = run(layer_norm, torch.float32, x, weight, bias, residual, dy, dropout_p=0.1)
+    torch.manual_seed(seed)
+    again = run(layer_norm, torch.float32, x, weight, bias, residual, dy, dropout_p=0.1)
+    for name, a, b in zip(("y",) + GRAD_NAMES, first, again):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
