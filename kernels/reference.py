@@ -36,7 +36,7 @@ def attention(q, k, v, q_lens=None, kv_lens=None, dropout_p=0.0, softmax_scale=N
         key_valid = key_valid[:, None, None, :]  # (B, 1, 1, Lk)
         # A finite fill keeps an all-masked row finite; multiplying by the mask then zeroes it.
         scores = scores.masked_fill(~key_valid, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
     if key_valid is not None:
         probs = probs * key_valid
     if dropout_p > 0.0:

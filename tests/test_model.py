@@ -1,0 +1,353 @@
+"""ViLBERT model: official size and structure, equality with the official implementation, every backend forward and
+backward, triton == torch, padding invariance, losses, task heads, the single-stream baseline, input errors."""
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vilbert import (SingleStreamForPretraining, ViLBERTConfig, ViLBERTForPretraining, ViLBERTForReferring,
+                     ViLBERTForRetrieval, ViLBERTForVQA, ViLBERTModel, ops)
+from vilbert.model import region_kl_loss
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference"
+ORACLE = SHARED / "official_oracle"
+KEY_BIAS = re.compile(r"\.key[12]?\.bias$")
+needs_shared = pytest.mark.skipif(not ORACLE.is_dir(), reason=f"official reference data not found at {SHARED}")
+
+
+def triton_available() -> bool:
+    try:
+        ops.get("triton")
+        return True
+    except ImportError:
+        return False
+
+
+needs_triton = pytest.mark.skipif(not triton_available(),
+                                  reason="vilbert_kernels does not export attention/co_attention/layer_norm/bias_gelu")
+BACKENDS = ["torch", "sdpa", pytest.param("triton", marks=needs_triton)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tiny models run faster on one thread, and far faster when the machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rel_err(actual, expected) -> float:
+    """Worst absolute difference relative to the reference's largest magnitude."""
+    return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max().clamp(min=1e-30)).item()
+
+
+def no_dropout(config: ViLBERTConfig) -> ViLBERTConfig:
+    return dataclasses.replace(config, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                               v_hidden_dropout_prob=0.0, v_attention_probs_dropout_prob=0.0)
+
+
+def make_batch(config, text_lens, image_lens, T=None, V=None, generator=None):
+    """A pretraining batch (the collator's keys); padded positions hold random junk, labels only at real positions."""
+    g = generator or torch.Generator().manual_seed(0)
+    text_lens, image_lens = torch.tensor(text_lens), torch.tensor(image_lens)
+    B = len(text_lens)
+    T = T or int(text_lens.max())
+    V = V or int(image_lens.max())
+    real_t = torch.arange(T)[None] < text_lens[:, None]
+    real_v = torch.arange(V)[None] < image_lens[:, None]
+    mlm_labels = torch.randint(0, config.vocab_size, (B, T), generator=g)
+    mlm_labels[(torch.rand(B, T, generator=g) > 0.4) | ~real_t] = -100
+    mlm_labels[:, 0] = -100  # [CLS] is never a target...
+    mlm_labels[:, 1] = torch.randint(0, config.vocab_size, (B,), generator=g)  # ...but every sample has one
+    region_mask = (torch.rand(B, V, generator=g) < 0.4) & real_v
+    region_mask[:, 0] = False  # the IMG token is never masked
+    return dict(
+        input_ids=torch.randint(1, config.vocab_size, (B, T), generator=g),
+        token_type_ids=torch.randint(0, config.type_vocab_size, (B, T), generator=g),
+        text_lens=text_lens,
+        image_features=torch.randn(B, V, config.v_feature_size, generator=g),
+        image_locations=torch.rand(B, V, 5, generator=g),
+        image_lens=image_lens,
+        mlm_labels=mlm_labels,
+        region_targets=torch.softmax(3 * torch.randn(B, V, config.v_target_size, generator=g), -1),
+        region_mask=region_mask,
+        is_aligned=torch.randint(0, 2, (B,), generator=g),
+    )
+
+
+def tiny(**overrides) -> ViLBERTConfig:
+    return ViLBERTConfig.preset("tiny", **overrides)
+
+
+# ---- size and structure ---------------------------------------------------------------------------------------------
+def test_vilbert_base_parameter_count():
+    with torch.device("meta"):
+        model = ViLBERTForPretraining(ViLBERTConfig.preset("vilbert-base"))
+    # Official: 250,044,029 unique parameters, of which 11,020,800 are the dead q_dense layers.
+    assert sum(p.numel() for p in model.parameters()) == 250_044_029 - 11_020_800
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+
+
+@needs_shared
+def test_vilbert_base_keys_map_one_to_one_onto_official():
+    text = (SHARED / "official_vilbert_keys.txt").read_text().split("## VILBertForVLTasks")[0]
+    official = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, shape = line.split(" ", 1)
+            official[key] = tuple(int(s) for s in shape.strip("[]").split(",") if s.strip())
+    with torch.device("meta"):
+        model = ViLBERTForPretraining(ViLBERTConfig.preset("vilbert-base"))
+    ours = {key: tuple(t.shape) for key, t in model.to_official_state_dict().items()}
+    live = {key: shape for key, shape in official.items() if ".q_dense" not in key}
+    assert len(official) - len(live) == 24  # q_dense1/2 weight and bias in 6 co-layers
+    assert ours == live
+
+
+# ---- equality with the official implementation ---------------------------------------------------------------------
+@needs_shared
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_official_oracle(backend):
+    config = ViLBERTConfig.from_json(ORACLE / "config.json")
+    inputs = torch.load(ORACLE / "inputs.pt")
+    expected = torch.load(ORACLE / "outputs.pt")
+    model = ViLBERTForPretraining(config, backend=backend).eval()
+    model.load_official_state_dict(ORACLE / "pytorch_model.bin")
+    names = ("input_ids", "token_type_ids", "image_features", "image_locations", "text_lens", "image_lens")
+    with torch.no_grad():
+        out = model(**{name: inputs[name] for name in names})  # no mlm_labels: MLM logits at every position
+    for b, (t, v) in enumerate(zip(inputs["text_lens"].tolist(), inputs["image_lens"].tolist())):
+        assert rel_err(out.text_hidden[b, :t], expected["text_hidden"][b, :t]) < 1e-4
+        assert rel_err(out.image_hidden[b, :v], expected["image_hidden"][b, :v]) < 1e-4
+        assert rel_err(out.mlm_logits[b, :t], expected["mlm_logits_all_positions"][b, :t]) < 1e-4
+        assert rel_err(out.region_logits[b, :v], expected["region_logits"][b, :v]) < 1e-4
+    for name in ("pooled_text", "pooled_image", "align_logits"):
+        assert rel_err(getattr(out, name), expected[name]) < 1e-4, name
+
+
+# ---- every backend --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_backward(backend):
+    torch.manual_seed(0)
+    config = tiny()
+    model = ViLBERTForPretraining(config, backend=backend).train()
+    batch = make_batch(config, [5, 3], [4, 2])
+    out = model(**batch)
+    n_targets = int((batch["mlm_labels"] != -100).sum())
+    assert out.mlm_logits.shape == (n_targets, config.vocab_size)
+    assert out.region_logits.shape == (2, 4, config.v_target_size)
+    assert out.align_logits.shape == (2, 2)
+    assert out.text_hidden.shape == (2, 5, config.hidden_size)
+    assert out.image_hidden.shape == (2, 4, config.v_hidden_size)
+    assert out.pooled_text.shape == out.pooled_image.shape == (2, config.bi_hidden_size)
+    assert torch.isfinite(out.loss)
+    torch.testing.assert_close(out.loss, out.mlm_loss + out.region_loss + out.align_loss)
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        if not KEY_BIAS.search(name):  # softmax ignores a constant per query, so key biases get no gradient
+            assert p.grad.abs().sum() > 0, name  # every other parameter takes part (no dead ones)
+
+
+def _outputs_and_grads(backend, config, state, batch):
+    model = ViLBERTForPretraining(config, backend=backend).train()  # dropout 0 in config: deterministic
+    model.load_state_dict(state)
+    out = model(**batch)
+    out.loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    return out, grads
+
+
+@pytest.mark.parametrize("backend", ["sdpa", pytest.param("triton", marks=needs_triton)])
+def test_backend_equals_torch_fp32(backend):
+    torch.manual_seed(1)
+    config = no_dropout(tiny())
+    state = ViLBERTForPretraining(config).state_dict()
+    batch = make_batch(config, [5, 2, 4], [3, 4, 1])
+    ref_out, ref_grads = _outputs_and_grads("torch", config, state, batch)
+    out, grads = _outputs_and_grads(backend, config, state, batch)
+    real_t = torch.arange(5)[None] < batch["text_lens"][:, None]
+    real_v = torch.arange(4)[None] < batch["image_lens"][:, None]
+    assert rel_err(out.text_hidden[real_t], ref_out.text_hidden[real_t]) < 1e-5
+    assert rel_err(out.image_hidden[real_v], ref_out.image_hidden[real_v]) < 1e-5
+    for name in ("pooled_text", "pooled_image", "mlm_logits", "align_logits", "loss", "mlm_loss", "region_loss",
+                 "align_loss"):
+        assert rel_err(getattr(out, name), getattr(ref_out, name)) < 1e-5, name
+    scale = max(g.abs().max().item() for g in ref_grads.values())
+    for name, grad in ref_grads.items():  # floor: key-bias gradients are rounding noise around 0
+        assert (grads[name] - grad).abs().max() <= 1e-4 * grad.abs().max() + 1e-7 * scale, name
+
+
+@pytest.mark.parametrize("backend, model_class", [
+    ("torch", ViLBERTForPretraining), ("sdpa", ViLBERTForPretraining),
+    pytest.param("triton", ViLBERTForPretraining, marks=needs_triton),
+    ("torch", SingleStreamForPretraining), ("sdpa", SingleStreamForPretraining)])
+def test_padding_changes_nothing(backend, model_class):
+    """Each sample run alone and unpadded == the same sample in a padded batch (more padding, junk in it)."""
+    torch.manual_seed(2)
+    config = tiny()
+    model = model_class(config, backend=backend).eval()
+    text_lens, image_lens = [3, 6, 1], [5, 2, 3]
+    batch = make_batch(config, text_lens, image_lens, T=8, V=7)
+    with torch.no_grad():
+        out = model(**{k: v for k, v in batch.items() if k != "mlm_labels"})
+        for b, (t, v) in enumerate(zip(text_lens, image_lens)):
+            alone = {k: batch[k][b:b + 1, :t] for k in ("input_ids", "token_type_ids")}
+            alone.update({k: batch[k][b:b + 1, :v] for k in ("image_features", "image_locations", "region_targets",
+                                                             "region_mask")})
+            one = model(**alone, is_aligned=batch["is_aligned"][b:b + 1])
+            assert rel_err(out.text_hidden[b, :t], one.text_hidden[0]) < 1e-5
+            assert rel_err(out.image_hidden[b, :v], one.image_hidden[0]) < 1e-5
+            assert rel_err(out.mlm_logits[b, :t], one.mlm_logits[0]) < 1e-5
+            for name in ("pooled_text", "pooled_image", "align_logits"):
+                assert rel_err(getattr(out, name)[b], getattr(one, name)[0]) < 1e-5, name
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa"])
+def test_bf16_weights_take_float32_data(backend):
+    """DeepSpeed bf16 casts the weights, not the batch: the model takes the float32 features in its own dtype."""
+    torch.manual_seed(6)
+    config = no_dropout(tiny())
+    model = ViLBERTForPretraining(config, backend=backend)
+    batch = make_batch(config, [5, 3], [4, 2])
+    expected = model(**batch).loss
+    out = model.to(torch.bfloat16)(**batch)
+    assert out.text_hidden.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    assert abs(out.loss.item() - expected.item()) < 0.05 * expected.item()
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# ---- losses ---------------------------------------------------------------------------------------------------------
+def test_losses_against_float64_formulas():
+    torch.manual_seed(3)
+    config = tiny()
+    model = ViLBERTForPretraining(config).eval()
+    batch = make_batch(config, [4, 6], [5, 3])
+    with torch.no_grad():
+        out = model(**batch)
+        full = model(**{k: v for k, v in batch.items() if k != "mlm_labels"})
+    targets = batch["mlm_labels"] != -100
+    torch.testing.assert_close(out.mlm_logits, full.mlm_logits[targets])  # masked rows = the same rows of all logits
+    mlm = F.cross_entropy(full.mlm_logits.double().flatten(0, 1), batch["mlm_labels"].flatten(), ignore_index=-100)
+    torch.testing.assert_close(out.mlm_loss.double(), mlm)
+    kl = F.kl_div(F.log_softmax(full.region_logits.double(), -1), batch["region_targets"].double(),
+                  reduction="none").sum(-1)
+    mask = batch["region_mask"]
+    torch.testing.assert_close(out.region_loss.double(), kl[mask].mean())
+    align = F.cross_entropy(full.align_logits.double(), batch["is_aligned"])
+    torch.testing.assert_close(out.align_loss.double(), align)
+
+
+def test_losses_without_targets_are_zero_not_nan():
+    config = tiny()
+    model = ViLBERTForPretraining(config).eval()
+    batch = make_batch(config, [4, 3], [3, 3])
+    batch["mlm_labels"][:] = -100
+    batch["region_mask"][:] = False
+    out = model(**batch)
+    assert out.mlm_logits.shape == (0, config.vocab_size)
+    assert out.mlm_loss.item() == 0.0 and out.region_loss.item() == 0.0
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+
+
+def test_region_kl_loss_counts_only_masked_regions():
+    logits = torch.randn(2, 3, 5)
+    targets = torch.softmax(torch.randn(2, 3, 5), -1)
+    targets[0, 1] = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0])  # zeros in the target: 0 log 0 = 0
+    mask = torch.tensor([[False, True, True], [False, False, False]])
+    expected = sum(F.kl_div(F.log_softmax(logits[0, j], -1), targets[0, j], reduction="sum") for j in (1, 2)) / 2
+    torch.testing.assert_close(region_kl_loss(logits, targets, mask), expected)
+
+
+def test_outputs_without_labels():
+    config = tiny()
+    batch = make_batch(config, [4, 3], [3, 2])
+    out = ViLBERTForPretraining(config)(batch["input_ids"], batch["image_features"], batch["image_locations"])
+    assert out.loss is None and out.mlm_loss is None and out.region_loss is None and out.align_loss is None
+    assert out.mlm_logits.shape == (2, 4, config.vocab_size)
+    base = ViLBERTModel(config)(batch["input_ids"], batch["image_features"], batch["image_locations"])
+    assert base.pooled_text.shape == (2, config.bi_hidden_size)
+
+
+def test_backend_switch_and_constructor_argument():
+    config = tiny()
+    model = ViLBERTForPretraining(config, backend="sdpa")
+    assert config.backend == "torch" and model.config.backend == "sdpa"  # the caller's config is not changed
+    assert model.bert.config is model.config  # one config object: switching it switches every module
+    with pytest.raises(ValueError, match="backend"):
+        ViLBERTForPretraining(config, backend="cuda")
+
+
+# ---- task heads and the single-stream baseline ----------------------------------------------------------------------
+def test_task_heads_forward_backward():
+    torch.manual_seed(4)
+    config = tiny()
+    batch = make_batch(config, [4, 3, 4, 2], [3, 3, 2, 3])
+    inputs = {k: batch[k] for k in ("input_ids", "token_type_ids", "text_lens", "image_features", "image_locations",
+                                    "image_lens")}
+    vqa = ViLBERTForVQA(config)
+    out = vqa(**inputs, answer_scores=torch.rand(4, config.num_answers))
+    assert out.logits.shape == (4, config.num_answers) and torch.isfinite(out.loss)
+    out.loss.backward()
+
+    retrieval = ViLBERTForRetrieval(config)
+    out = retrieval(**inputs, choice_labels=torch.tensor([0, 1]))  # two groups of two choices
+    assert out.logits.shape == (4,)
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits.view(2, 2), torch.tensor([0, 1])))
+    with pytest.raises(ValueError, match="choice_labels"):
+        retrieval(**inputs, choice_labels=torch.tensor([0, 1, 0]))
+
+    referring = ViLBERTForReferring(config)
+    out = referring(**inputs, region_scores=(torch.rand(4, 3) > 0.5).float())
+    assert out.logits.shape == (4, 3)
+    assert (out.logits[~(torch.arange(3)[None] < batch["image_lens"][:, None])] == -10000.0).all()
+    out.loss.backward()
+
+
+def test_single_stream_forward_backward():
+    torch.manual_seed(5)
+    config = tiny()
+    model = SingleStreamForPretraining(config)
+    assert not any(".v_layer." in name or ".c_layer." in name for name, _ in model.named_parameters())
+    out = model(**make_batch(config, [5, 3], [4, 2]))
+    assert out.image_hidden.shape == (2, 4, config.hidden_size)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+# ---- bad input ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, value, message", [
+    ("input_ids", torch.zeros(2, 4), "input_ids"),
+    ("image_features", torch.zeros(2, 3, 100), "image_features"),
+    ("image_features", torch.zeros(3, 3, 2048), "image_features"),
+    ("image_locations", torch.zeros(2, 3, 4), "image_locations"),
+    ("token_type_ids", torch.zeros(2, 5, dtype=torch.long), "token_type_ids"),
+    ("text_lens", torch.tensor([4, 4, 4]), "text_lens"),
+    ("image_lens", torch.tensor([3.0, 3.0]), "image_lens"),
+    ("mlm_labels", torch.zeros(2, 3, dtype=torch.long), "mlm_labels"),
+    ("region_targets", torch.zeros(2, 3, 7), "region_targets"),
+    ("is_aligned", torch.zeros(2), "is_aligned"),
+])
+def test_bad_inputs_name_the_argument(name, value, message):
+    config = tiny()
+    batch = make_batch(config, [4, 4], [3, 3])
+    batch[name] = value
+    with pytest.raises(ValueError, match=message):
+        ViLBERTForPretraining(config)(**batch)
+
+
+def test_too_long_text_and_half_given_region_labels():
+    config = tiny(max_position_embeddings=8)
+    model = ViLBERTForPretraining(config)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(**make_batch(config, [9], [3]))
+    batch = make_batch(config, [4], [3])
+    del batch["region_mask"]
+    with pytest.raises(ValueError, match="region_mask"):
+        model(**batch)
