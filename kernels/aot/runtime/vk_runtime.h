@@ -1,0 +1,45 @@
+/* Internal runtime of the vilbert_kernels C library: loads the CUDA driver, caches modules per context, launches.
+ *
+ * The generated launchers (vk_kernels.c) describe each compiled kernel as a vk_kernel_image and call vk_launch();
+ * nothing here is part of the public API (include/vilbert_kernels.h).
+ */
+#ifndef VK_RUNTIME_H
+#define VK_RUNTIME_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "vilbert_kernels.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* One kernel compiled ahead of time for one architecture. */
+typedef struct vk_kernel_image {
+  const char *name;            /* entry point in the cubin (the @triton.jit function's name) */
+  const unsigned char *cubin;  /* the cubin's bytes, embedded in the library */
+  size_t cubin_size;
+  int arch;                    /* compute capability it was built for, major * 10 + minor (90 = sm_90a) */
+  unsigned num_warps;          /* block = num_warps * 32 threads */
+  unsigned shared_bytes;       /* dynamic shared memory per block */
+} vk_kernel_image;
+
+static inline int vk_fits_int32(int64_t value) { return value >= INT32_MIN && value <= INT32_MAX; }
+
+/* Compute capability (major * 10 + minor) of the device of the calling thread's current context. */
+vk_status vk_current_arch(int *arch);
+
+/* Whether a cubin built for `image_arch` runs on a device of compute capability `device_arch`. */
+int vk_arch_runs(int image_arch, int device_arch);
+
+/* Launch `image` on `stream` with `params` in the kernel's parameter order (triton's two trailing scratch pointers
+ * included). The module is loaded into the current context on first use and cached. An empty grid launches nothing;
+ * a grid beyond CUDA's limits is VK_ERROR_INVALID_VALUE. */
+vk_status vk_launch(const vk_kernel_image *image, const unsigned grid[3], void **params, CUstream stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* VK_RUNTIME_H */
