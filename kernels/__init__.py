@@ -4,5 +4,8 @@ Each op lives in its own module (Triton kernels -> autograd Function -> public f
 PyTorch definition of every op, the spec the kernels are tested and benchmarked against.
 """
 from . import reference
+from .attention import attention, co_attention
+from .bias_gelu import bias_gelu
+from .layer_norm import layer_norm
 
-__all__ = ["reference"]
+__all__ = ["reference", "attention", "co_attention", "layer_norm", "bias_gelu"]

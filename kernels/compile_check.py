@@ -2,8 +2,9 @@
 
 The CPU tests run the kernels in Triton's interpreter, which accepts code the real compiler rejects (and the reverse);
 this check closes that gap. Each op module exposes `sm90_specs()`: the launch configurations it really uses, as
-`KernelSpec`s. For each one we compile to a cubin and read registers, stack, shared memory and local memory (spills)
-with the cuobjdump that ships with Triton, and whether the matrix instructions are wgmma (HGMMA) or the older HMMA.
+`KernelSpec`s (kernel_spec.py). For each one we compile to a cubin and read registers, stack, shared memory and
+local memory (spills) with the cuobjdump that ships with Triton, and whether the matrix instructions are wgmma
+(HGMMA) or the older HMMA.
 
     python -m vilbert_kernels.compile_check            # table; exit 1 on a compile error or a register spill
     python -m vilbert_kernels.compile_check --json out.json
@@ -11,7 +12,6 @@ with the cuobjdump that ships with Triton, and whether the matrix instructions a
 Must run without TRITON_INTERPRET (the interpreter replaces @triton.jit functions).
 """
 import argparse
-import dataclasses
 import importlib
 import json
 import os
@@ -21,19 +21,10 @@ import sys
 import tempfile
 from typing import Dict, List
 
+from .kernel_spec import KernelSpec
+
 # Modules whose kernels are checked; each defines `sm90_specs() -> list[KernelSpec]`.
 OP_MODULES = ["attention", "layer_norm", "bias_gelu"]
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelSpec:
-    """One launch configuration of one kernel, as the op's launcher really uses it."""
-    name: str                      # readable id, e.g. "attention_fwd[D=128,bf16,BLOCK_M=64]"
-    fn: object                     # the @triton.jit function
-    signature: Dict[str, str]      # every argument -> "*fp16", "*fp32", "i32", "i64", "fp32" or "constexpr"
-    constexprs: Dict[str, object]  # values of the constexpr arguments
-    num_warps: int = 4
-    num_stages: int = 3
 
 
 def _triton_bin(tool: str) -> str:
@@ -41,14 +32,19 @@ def _triton_bin(tool: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
 
 
-def compile_sm90(spec: KernelSpec):
-    """Compile one spec for sm_90; returns triton's CompiledKernel (asm['cubin'], asm['ptx'], metadata)."""
+def compile_spec(spec: KernelSpec, arch: int = 90):
+    """Compile one spec for sm_<arch>; returns triton's CompiledKernel (asm['cubin'], asm['ptx'], metadata).
+
+    Pointer arguments are promised 16-byte aligned, as the JIT specializes them when a launch passes aligned tensors
+    (torch's allocations always are), so the report shows the vector loads that really run."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+    attrs = {(spec.fn.arg_names.index(name),): [["tt.divisibility", 16]]
+             for name, ty in spec.signature.items() if ty.startswith("*")}
+    src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
 
 
@@ -81,7 +77,7 @@ def check(specs: List[KernelSpec]) -> List[Dict[str, object]]:
     for spec in specs:
         row = {"kernel": spec.name, "num_warps": spec.num_warps, "num_stages": spec.num_stages}
         try:
-            compiled = compile_sm90(spec)
+            compiled = compile_spec(spec)
             row.update(resource_usage(compiled.asm["cubin"]))
             row["shared_bytes"] = int(compiled.metadata.shared)
             row["ok"] = row["LOCAL"] == 0 and row["STACK"] == 0

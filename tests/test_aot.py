@@ -199,7 +199,7 @@ SCALE_ROWS = textwrap.dedent('''
     import triton.language as tl
 
     from vilbert_kernels.aot.generate import CLauncher, generate
-    from vilbert_kernels.compile_check import KernelSpec
+    from vilbert_kernels.kernel_spec import KernelSpec
 
 
     @triton.jit
@@ -334,7 +334,7 @@ def test_launcher_errors_from_the_driver(tmp_path, scale_rows_build):
 
 def test_generator_rejects_an_unmapped_kernel_argument():
     from vilbert_kernels.aot.generate import CLauncher, c_function, CompiledVariant
-    from vilbert_kernels.compile_check import KernelSpec
+    from vilbert_kernels.kernel_spec import KernelSpec
 
     def scale(X, n_cols, BLOCK):  # stands in for a @triton.jit function: only arg_names and __name__ are read
         pass

@@ -20,7 +20,8 @@ import re
 import sys
 from typing import Callable, Dict, List, Sequence, Tuple
 
-from ..compile_check import KernelSpec
+from ..compile_check import compile_spec
+from ..kernel_spec import KernelSpec
 
 # --target name -> compute capability (major * 10 + minor). Triton compiles 90 as sm_90a (wgmma).
 TARGETS = {"sm_80": 80, "sm_90": 90}
@@ -70,16 +71,9 @@ def kernel_params(spec: KernelSpec) -> List[Tuple[str, str]]:
 
 def compile_variant(spec: KernelSpec, arch: int) -> CompiledVariant:
     """Compile `spec` for `arch` and check that the C launcher can launch it the way triton's own launcher would."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     params = kernel_params(spec)
     # Pointers are promised 16-byte aligned (the C launcher checks it), as the JIT would specialize them: vector loads.
-    attrs = {(spec.fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, ty in params if ty.startswith("*")}
-    src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    compiled = compile_spec(spec, arch)
     meta = compiled.metadata
     unsupported = {"global scratch memory": meta.global_scratch_size > 0,
                    "profile scratch memory": meta.profile_scratch_size > 0,

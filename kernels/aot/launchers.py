@@ -4,7 +4,7 @@
 from typing import Dict, List
 
 from ..attention import _attention_fwd_kernel, sm90_specs
-from ..compile_check import KernelSpec
+from ..kernel_spec import KernelSpec
 from .generate import CLauncher
 
 _VK_DTYPES = {"*fp16": "VK_FLOAT16", "*bf16": "VK_BFLOAT16", "*fp32": "VK_FLOAT32"}

@@ -1,0 +1,720 @@
+"""Fused attention and bidirectional co-attention for ViLBERT, forward and backward, in Triton.
+
+Maths (per batch b, head h; scale = softmax_scale, 1/sqrt(D) by default)::
+
+    S = scale * Q K^T                      (Lq, Lk); keys j >= kv_len masked to -inf
+    P = softmax(S) row-wise,  LSE = logsumexp(S) row-wise
+    Z = keep / (1 - p)                     keep ~ Bernoulli(1 - p), one draw per (direction, b, h, i, j)
+    O = (P * Z) V                          rows i >= q_len are zero
+
+The forward walks the key blocks of one query tile with an online softmax (running max m and sum l in fp32) and
+never writes S or P; it stores LSE (fp32, (B, H, Lq)) for the backward. With dP = dO V^T and
+delta_i = rowsum(dO_i * O_i) = sum_j P_ij Z_ij dP_ij, the backward is::
+
+    dV = (P * Z)^T dO,   dS = P * (Z * dP - delta),   dQ = scale * dS K,   dK = scale * dS^T Q
+
+P is recomputed from Q, K and LSE; Z is regenerated from the same Philox seed and element offsets, so neither the
+scores nor the dropout mask is ever stored. delta is computed inside both backward kernels from the O and dO tiles they
+load anyway (no separate pre-pass launch).
+
+Co-attention runs both directions (text queries over image keys, image queries over text keys) in ONE forward launch:
+the grid's last axis is the direction and each program picks its direction's pointers, strides and lengths. The
+backward is two launches for both directions: one program per key block computes dK and dV (no atomics, deterministic),
+one program per query tile computes dQ. `attention` is the same kernels with one direction.
+
+The public functions validate their inputs, apply torch.autocast, draw the dropout seed from torch's default generator
+and call registered custom ops (`torch.ops.vilbert_kernels.attention_forward` etc., with fakes and autograd), so
+torch.compile(fullgraph=True) sees no graph break.
+
+Layout legend: B batch, Lq / Lk query / key length, H heads, D head dim; T text length, V image length.
+Precision: fp32 accumulation and statistics (m, l, LSE, delta); outputs and gradients in the inputs' dtype.
+"""
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+import triton
+import triton.language as tl
+
+from .kernel_spec import KernelSpec
+
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): the kernels work in base 2
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _valid_len(LENS, b, L, HAS_LENS: tl.constexpr):
+    """Number of real positions of sample b: LENS[b] clamped to [0, L] (int32); L when there is no LENS."""
+    n = L
+    if HAS_LENS:
+        n = tl.minimum(tl.maximum(tl.load(LENS + b).to(tl.int32), 0), L)
+    return n
+
+
+@triton.jit
+def _direction_inputs(
+    direction, b, h, Q0, K0, V0, Q1, K1, V1, LENS_A, LENS_B,
+    stride_q0b, stride_q0l, stride_q0h, stride_k0b, stride_k0l, stride_k0h, stride_v0b, stride_v0l, stride_v0h,
+    stride_q1b, stride_q1l, stride_q1h, stride_k1b, stride_k1l, stride_k1h, stride_v1b, stride_v1l, stride_v1h,
+    L_A, L_B, HAS_LENS_A: tl.constexpr, HAS_LENS_B: tl.constexpr,
+):
+    """Direction 0 is L_A queries over L_B keys, direction 1 the reverse. Returns the (b, h) row-0 pointers of q, k, v,
+    their row strides, the padded lengths Lq, Lk and the real lengths q_len, kv_len."""
+    len_a = _valid_len(LENS_A, b, L_A, HAS_LENS_A)
+    len_b = _valid_len(LENS_B, b, L_B, HAS_LENS_B)
+    if direction == 0:
+        q = Q0 + b * stride_q0b + h * stride_q0h
+        k = K0 + b * stride_k0b + h * stride_k0h
+        v = V0 + b * stride_v0b + h * stride_v0h
+        stride_ql, stride_kl, stride_vl = stride_q0l, stride_k0l, stride_v0l
+        Lq, Lk, q_len, kv_len = L_A, L_B, len_a, len_b
+    else:
+        q = Q1 + b * stride_q1b + h * stride_q1h
+        k = K1 + b * stride_k1b + h * stride_k1h
+        v = V1 + b * stride_v1b + h * stride_v1h
+        stride_ql, stride_kl, stride_vl = stride_q1l, stride_k1l, stride_v1l
+        Lq, Lk, q_len, kv_len = L_B, L_A, len_b, len_a
+    return q, k, v, stride_ql, stride_kl, stride_vl, Lq, Lk, q_len, kv_len
+
+
+@triton.jit
+def _row_ptrs(X, rows, stride_row, HEAD_DIM: tl.constexpr):
+    """(rows, HEAD_DIM) pointers. Every row starts 16-byte aligned (the launcher ensures it) and is contiguous, which
+    the hints pass on to the compiler for 16-byte vector loads."""
+    ptrs = X + rows[:, None] * stride_row + tl.arange(0, HEAD_DIM)[None, :]
+    return tl.max_contiguous(tl.multiple_of(ptrs, [16, 16]), [1, HEAD_DIM])
+
+
+@triton.jit
+def _keep_mask(SEED, stream, elements, dropout_p):
+    """Dropout keep decisions, kept with probability 1 - dropout_p. Philox-4x32 of the 64-bit counter
+    (element, stream), with element = i * Lk + j < 2**32 and stream = (direction * B + b) * H + h, gives every
+    (direction, b, h, i, j) its own uniform number with 32-bit arithmetic only."""
+    counter = elements.to(tl.uint32)
+    zero = counter * 0
+    bits, _, _, _ = tl.philox(SEED, counter, zero + stream, zero, zero)
+    return tl.uint_to_uniform_float(bits) >= dropout_p
+
+
+@triton.jit(do_not_specialize=["SEED", "L_A", "L_B"])
+def _attention_fwd_kernel(
+    Q0, K0, V0, O0, LSE0,  # direction 0: q (B, L_A, H, D), k/v (B, L_B, H, D), out (B, L_A, H, D), lse (B, H, L_A)
+    Q1, K1, V1, O1, LSE1,  # direction 1 (co-attention only): q (B, L_B, H, D), k/v (B, L_A, H, D), out, lse
+    LENS_A, LENS_B,  # (B,) int lengths of the L_A / L_B sequences (None when HAS_LENS_* is False)
+    stride_q0b, stride_q0l, stride_q0h, stride_k0b, stride_k0l, stride_k0h, stride_v0b, stride_v0l, stride_v0h,
+    stride_q1b, stride_q1l, stride_q1h, stride_k1b, stride_k1l, stride_k1h, stride_v1b, stride_v1l, stride_v1h,
+    L_A, L_B,  # padded sequence lengths
+    H,  # heads
+    softmax_scale, dropout_p, SEED,
+    HAS_LENS_A: tl.constexpr, HAS_LENS_B: tl.constexpr, DROPOUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program per (batch*head, query tile, direction): out and LSE of BLOCK_M queries."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    direction = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    Q, K, V, stride_ql, stride_kl, stride_vl, Lq, Lk, q_len, kv_len = _direction_inputs(
+        direction, b, h, Q0, K0, V0, Q1, K1, V1, LENS_A, LENS_B,
+        stride_q0b, stride_q0l, stride_q0h, stride_k0b, stride_k0l, stride_k0h, stride_v0b, stride_v0l, stride_v0h,
+        stride_q1b, stride_q1l, stride_q1h, stride_k1b, stride_k1l, stride_k1h, stride_v1b, stride_v1l, stride_v1h,
+        L_A, L_B, HAS_LENS_A, HAS_LENS_B)
+    if direction == 0:
+        O, LSE = O0, LSE0
+    else:
+        O, LSE = O1, LSE1
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    row_valid = rows < q_len
+    q = tl.load(_row_ptrs(Q, rows, stride_ql, HEAD_DIM), mask=row_valid[:, None], other=0.0)
+    qk_scale = softmax_scale * LOG2E
+    stream = (direction * tl.num_programs(0) + pid_bh).to(tl.uint32)  # dropout stream of (direction, b, h)
+    dropout_scale = 1.0 / (1.0 - dropout_p)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max of S (base-2 units)
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2(S - m)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # A query tile entirely past q_len is padding: it skips the key loop and writes zeros.
+    kv_end = tl.where(pid_m * BLOCK_M < q_len, kv_len, 0)
+    for start_n in range(0, kv_end, BLOCK_N):
+        cols = start_n + offs_n
+        col_valid = cols < kv_len
+        k = tl.load(_row_ptrs(K, cols, stride_kl, HEAD_DIM), mask=col_valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = tl.where(col_valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every visited block has a real key
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normaliser counts dropped entries too
+        acc = acc * alpha[:, None]
+        if DROPOUT:
+            keep = _keep_mask(SEED, stream, rows[:, None] * Lk + cols[None, :], dropout_p)
+            p = tl.where(keep, p * dropout_scale, 0.0)
+        v = tl.load(_row_ptrs(V, cols, stride_vl, HEAD_DIM), mask=col_valid[:, None], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    has_keys = row_valid & (l_i > 0.0)
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    out = tl.where(row_valid[:, None], out, 0.0)
+    # Rows without keys get LSE = +inf, so the backward's exp(S - LSE) is 0 there with no extra masking.
+    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("inf"))
+    O_bh = O + (b * Lq * H + h) * HEAD_DIM  # out is contiguous (B, Lq, H, D)
+    tl.store(_row_ptrs(O_bh, rows, H * HEAD_DIM, HEAD_DIM), out.to(O.dtype.element_ty), mask=(rows < Lq)[:, None])
+    tl.store(LSE + pid_bh * Lq + rows, lse, mask=rows < Lq)
+
+
+@triton.jit(do_not_specialize=["SEED", "L_A", "L_B"])
+def _attention_bwd_dkdv_kernel(
+    Q0, K0, V0, O0, LSE0, DO0, DK0, DV0,  # direction 0: as in the forward; do like out; dk/dv contiguous like k
+    Q1, K1, V1, O1, LSE1, DO1, DK1, DV1,  # direction 1 (co-attention only)
+    LENS_A, LENS_B,  # (B,) int lengths of the L_A / L_B sequences
+    stride_q0b, stride_q0l, stride_q0h, stride_k0b, stride_k0l, stride_k0h, stride_v0b, stride_v0l, stride_v0h,
+    stride_q1b, stride_q1l, stride_q1h, stride_k1b, stride_k1l, stride_k1h, stride_v1b, stride_v1l, stride_v1h,
+    L_A, L_B, H,
+    softmax_scale, dropout_p, SEED,
+    HAS_LENS_A: tl.constexpr, HAS_LENS_B: tl.constexpr, DROPOUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program per (batch*head, key block, direction): dK, dV of BLOCK_N keys, looping over the query tiles."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    direction = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    Q, K, V, stride_ql, stride_kl, stride_vl, Lq, Lk, q_len, kv_len = _direction_inputs(
+        direction, b, h, Q0, K0, V0, Q1, K1, V1, LENS_A, LENS_B,
+        stride_q0b, stride_q0l, stride_q0h, stride_k0b, stride_k0l, stride_k0h, stride_v0b, stride_v0l, stride_v0h,
+        stride_q1b, stride_q1l, stride_q1h, stride_k1b, stride_k1l, stride_k1h, stride_v1b, stride_v1l, stride_v1h,
+        L_A, L_B, HAS_LENS_A, HAS_LENS_B)
+    if direction == 0:
+        O, LSE, DO, DK, DV = O0, LSE0, DO0, DK0, DV0
+    else:
+        O, LSE, DO, DK, DV = O1, LSE1, DO1, DK1, DV1
+    O_bh = O + (b * Lq * H + h) * HEAD_DIM  # out, do: contiguous (B, Lq, H, D)
+    DO_bh = DO + (b * Lq * H + h) * HEAD_DIM
+
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    col_valid = cols < kv_len
+    k = tl.load(_row_ptrs(K, cols, stride_kl, HEAD_DIM), mask=col_valid[:, None], other=0.0)
+    v = tl.load(_row_ptrs(V, cols, stride_vl, HEAD_DIM), mask=col_valid[:, None], other=0.0)
+    qk_scale = softmax_scale * LOG2E
+    stream = (direction * tl.num_programs(0) + pid_bh).to(tl.uint32)
+    dropout_scale = 1.0 / (1.0 - dropout_p)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    # A key block entirely past kv_len gets no gradient: skip the query loop and write zeros.
+    q_end = tl.where(pid_n * BLOCK_N < kv_len, q_len, 0)
+    for start_m in range(0, q_end, BLOCK_M):
+        rows = start_m + offs_m
+        row_valid = rows < q_len
+        q = tl.load(_row_ptrs(Q, rows, stride_ql, HEAD_DIM), mask=row_valid[:, None], other=0.0)
+        o = tl.load(_row_ptrs(O_bh, rows, H * HEAD_DIM, HEAD_DIM), mask=row_valid[:, None], other=0.0)
+        do = tl.load(_row_ptrs(DO_bh, rows, H * HEAD_DIM, HEAD_DIM), mask=row_valid[:, None], other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # (BLOCK_M,)
+        lse = tl.load(LSE + pid_bh * Lq + rows, mask=row_valid, other=float("inf")) * LOG2E
+        # Transposed tiles (keys x queries), so the dK/dV products need no register transposes.
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        p_t = tl.where(col_valid[:, None], tl.exp2(s_t - lse[None, :]), 0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M) = (dO V^T)^T
+        pz_t = p_t
+        if DROPOUT:
+            keep = _keep_mask(SEED, stream, rows[None, :] * Lk + cols[:, None], dropout_p)
+            pz_t = tl.where(keep, p_t * dropout_scale, 0.0)
+            dp_t = tl.where(keep, dp_t * dropout_scale, 0.0)
+        dv = tl.dot(pz_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+
+    kv_bh = (b * Lk * H + h) * HEAD_DIM  # dk, dv: contiguous (B, Lk, H, D)
+    store_mask = (cols < Lk)[:, None]
+    tl.store(_row_ptrs(DK + kv_bh, cols, H * HEAD_DIM, HEAD_DIM), (dk * softmax_scale).to(DK.dtype.element_ty),
+             mask=store_mask)
+    tl.store(_row_ptrs(DV + kv_bh, cols, H * HEAD_DIM, HEAD_DIM), dv.to(DV.dtype.element_ty), mask=store_mask)
+
+
+@triton.jit(do_not_specialize=["SEED", "L_A", "L_B"])
+def _attention_bwd_dq_kernel(
+    Q0, K0, V0, O0, LSE0, DO0, DQ0,  # direction 0: as in the forward; do like out; dq contiguous like q
+    Q1, K1, V1, O1, LSE1, DO1, DQ1,  # direction 1 (co-attention only)
+    LENS_A, LENS_B,  # (B,) int lengths of the L_A / L_B sequences
+    stride_q0b, stride_q0l, stride_q0h, stride_k0b, stride_k0l, stride_k0h, stride_v0b, stride_v0l, stride_v0h,
+    stride_q1b, stride_q1l, stride_q1h, stride_k1b, stride_k1l, stride_k1h, stride_v1b, stride_v1l, stride_v1h,
+    L_A, L_B, H,
+    softmax_scale, dropout_p, SEED,
+    HAS_LENS_A: tl.constexpr, HAS_LENS_B: tl.constexpr, DROPOUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program per (batch*head, query tile, direction): dQ of BLOCK_M queries, looping over the key blocks."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    direction = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    Q, K, V, stride_ql, stride_kl, stride_vl, Lq, Lk, q_len, kv_len = _direction_inputs(
+        direction, b, h, Q0, K0, V0, Q1, K1, V1, LENS_A, LENS_B,
+        stride_q0b, stride_q0l, stride_q0h, stride_k0b, stride_k0l, stride_k0h, stride_v0b, stride_v0l, stride_v0h,
+        stride_q1b, stride_q1l, stride_q1h, stride_k1b, stride_k1l, stride_k1h, stride_v1b, stride_v1l, stride_v1h,
+        L_A, L_B, HAS_LENS_A, HAS_LENS_B)
+    if direction == 0:
+        O, LSE, DO, DQ = O0, LSE0, DO0, DQ0
+    else:
+        O, LSE, DO, DQ = O1, LSE1, DO1, DQ1
+    q_bh = (b * Lq * H + h) * HEAD_DIM  # out, do, dq: contiguous (B, Lq, H, D)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    row_valid = rows < q_len
+    q = tl.load(_row_ptrs(Q, rows, stride_ql, HEAD_DIM), mask=row_valid[:, None], other=0.0)
+    o = tl.load(_row_ptrs(O + q_bh, rows, H * HEAD_DIM, HEAD_DIM), mask=row_valid[:, None], other=0.0)
+    do = tl.load(_row_ptrs(DO + q_bh, rows, H * HEAD_DIM, HEAD_DIM), mask=row_valid[:, None], other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # (BLOCK_M,)
+    lse = tl.load(LSE + pid_bh * Lq + rows, mask=row_valid, other=float("inf")) * LOG2E
+    qk_scale = softmax_scale * LOG2E
+    stream = (direction * tl.num_programs(0) + pid_bh).to(tl.uint32)
+    dropout_scale = 1.0 / (1.0 - dropout_p)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    kv_end = tl.where(pid_m * BLOCK_M < q_len, kv_len, 0)
+    for start_n in range(0, kv_end, BLOCK_N):
+        cols = start_n + offs_n
+        col_valid = cols < kv_len
+        k = tl.load(_row_ptrs(K, cols, stride_kl, HEAD_DIM), mask=col_valid[:, None], other=0.0)
+        v = tl.load(_row_ptrs(V, cols, stride_vl, HEAD_DIM), mask=col_valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        p = tl.where(col_valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        if DROPOUT:
+            keep = _keep_mask(SEED, stream, rows[:, None] * Lk + cols[None, :], dropout_p)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+
+    tl.store(_row_ptrs(DQ + q_bh, rows, H * HEAD_DIM, HEAD_DIM), (dq * softmax_scale).to(DQ.dtype.element_ty),
+             mask=(rows < Lq)[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _block(length: int) -> int:
+    """Tile size along a sequence: the smallest of 16/32/64 covering it (ViLBERT's sequences are 36..101 long)."""
+    return min(max(16, triton.next_power_of_2(length)), 64)
+
+
+def attention_launch_config(lq: int, lk: int, head_dim: int) -> dict:
+    """Block sizes and warps of the three kernels for at most lq queries and lk keys (max over both directions).
+
+    Tiles are short (16/32/64) because the sequences are: one query tile and one or two key blocks per (batch, head)
+    at ViLBERT's lengths. The tile each program owns (queries in fwd/dq, keys in dkdv) is up to 64 rows, so Hopper's
+    wgmma (64-row warpgroup MMA) applies; the tile a backward program loops over is at most 32, which keeps its fp32
+    score, probability and dropout tiles in registers next to the accumulators (no spills at D=128 with dropout).
+    Warps grow with the head dim for the same reason.
+    """
+    num_warps = 4 if head_dim <= 64 else 8
+    own_m, own_n = _block(lq), _block(lk)
+    return {
+        "fwd": dict(BLOCK_M=own_m, BLOCK_N=own_n, num_warps=num_warps, num_stages=2),
+        "bwd_dkdv": dict(BLOCK_M=min(_block(lq), 32), BLOCK_N=own_n, num_warps=num_warps, num_stages=2),
+        "bwd_dq": dict(BLOCK_M=own_m, BLOCK_N=min(_block(lk), 32), num_warps=num_warps, num_stages=2),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Launchers (one or two directions)
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """The kernels read rows of headdim contiguous elements starting at 16-byte boundaries (so they can use vector
+    loads): true of contiguous tensors and of slices of a fused projection. Anything else is copied once."""
+    def ok(x):
+        return (x.stride(-1) == 1 and x.data_ptr() % 16 == 0
+                and all(stride * x.element_size() % 16 == 0 for size, stride in zip(x.shape[:3], x.stride()[:3])
+                        if size > 1))
+    if ok(t):
+        return t
+    t = t.contiguous()
+    return t if ok(t) else t.clone()
+
+
+def _strides(directions: Sequence[Tuple[torch.Tensor, ...]]) -> List[int]:
+    """(b, l, h) strides of q, k, v for direction 0 then direction 1 (direction 0 repeated for plain attention)."""
+    sets = list(directions) + [directions[0]] * (2 - len(directions))
+    return [s for q, k, v in (d[:3] for d in sets) for t in (q, k, v) for s in t.stride()[:3]]
+
+
+def _common_args(directions, lens_a, lens_b, dropout_p, softmax_scale, seed):
+    """Arguments shared by the three kernels (after their pointers), their constexprs and the launch configs."""
+    q, k, _ = directions[0]
+    _, l_a, num_heads, head_dim = q.shape
+    l_b = k.shape[1]
+    args = [lens_a, lens_b, *_strides(directions), l_a, l_b, num_heads, softmax_scale, dropout_p, seed]
+    meta = dict(HAS_LENS_A=lens_a is not None, HAS_LENS_B=lens_b is not None, DROPOUT=dropout_p > 0.0,
+                HEAD_DIM=head_dim, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    configs = attention_launch_config(max(d[0].shape[1] for d in directions),
+                                      max(d[1].shape[1] for d in directions), head_dim)
+    return args, meta, configs
+
+
+def _attention_forward(directions, lens_a, lens_b, dropout_p, softmax_scale, seed):
+    """directions: [(q, k, v)] or [(q0, k0, v0), (q1, k1, v1)] -> ([out per direction], [lse per direction])."""
+    directions = [tuple(_aligned(t) for t in d) for d in directions]
+    q, _, _ = directions[0]
+    batch, _, num_heads, _ = q.shape
+    outs = [torch.empty(d[0].shape, dtype=d[0].dtype, device=d[0].device) for d in directions]
+    lses = [torch.empty((batch, num_heads, d[0].shape[1]), dtype=torch.float32, device=q.device) for d in directions]
+    args, meta, configs = _common_args(directions, lens_a, lens_b, dropout_p, softmax_scale, seed)
+    pointers = [[*d, o, lse] for d, o, lse in zip(directions, outs, lses)]
+    config = configs["fwd"]
+    max_lq = max(d[0].shape[1] for d in directions)
+    grid = (batch * num_heads, triton.cdiv(max_lq, config["BLOCK_M"]), len(directions))
+    # Plain attention passes direction 0's pointers twice; the grid never runs direction 1.
+    _attention_fwd_kernel[grid](*pointers[0], *pointers[-1], *args, **meta, **config)
+    return outs, lses
+
+
+def _attention_backward(directions, outs, lses, douts, lens_a, lens_b, dropout_p, softmax_scale, seed):
+    """Gradients (dq, dk, dv) per direction: one dK/dV launch and one dQ launch cover every direction."""
+    directions = [tuple(_aligned(t) for t in d) for d in directions]
+    douts = [_aligned(do) for do in douts]
+    q, _, _ = directions[0]
+    batch, _, num_heads, _ = q.shape
+    grads = [tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in d) for d in directions]
+    args, meta, configs = _common_args(directions, lens_a, lens_b, dropout_p, softmax_scale, seed)
+
+    config = configs["bwd_dkdv"]
+    pointers = [[*d, o, lse, do, dk, dv] for d, o, lse, do, (_, dk, dv) in zip(directions, outs, lses, douts, grads)]
+    max_lk = max(d[1].shape[1] for d in directions)
+    grid = (batch * num_heads, triton.cdiv(max_lk, config["BLOCK_N"]), len(directions))
+    _attention_bwd_dkdv_kernel[grid](*pointers[0], *pointers[-1], *args, **meta, **config)
+
+    config = configs["bwd_dq"]
+    pointers = [[*d, o, lse, do, dq] for d, o, lse, do, (dq, _, _) in zip(directions, outs, lses, douts, grads)]
+    max_lq = max(d[0].shape[1] for d in directions)
+    grid = (batch * num_heads, triton.cdiv(max_lq, config["BLOCK_M"]), len(directions))
+    _attention_bwd_dq_kernel[grid](*pointers[0], *pointers[-1], *args, **meta, **config)
+    return grads
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Registered ops (opaque to torch.compile: no graph breaks), their fakes and autograd
+# ----------------------------------------------------------------------------------------------------------------------
+# The dropout seed travels as a CPU int64 tensor of shape (1,) drawn by the public function from torch's default
+# generator (so torch.manual_seed reproduces it and torch.compile can trace the draw); the ops read it on the host,
+# which is no device synchronisation.
+
+@torch.library.custom_op("vilbert_kernels::attention_forward", mutates_args=())
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, q_lens: Optional[Tensor], kv_lens: Optional[Tensor],
+                      dropout_p: float, softmax_scale: float, seed: Tensor) -> Tuple[Tensor, Tensor]:
+    """out (B, Lq, H, D) and lse (B, H, Lq) fp32 of one attention direction."""
+    (out,), (lse,) = _attention_forward([(q, k, v)], q_lens, kv_lens, dropout_p, softmax_scale, int(seed.item()))
+    return out, lse
+
+
+@attention_forward.register_fake
+def _(q, k, v, q_lens, kv_lens, dropout_p, softmax_scale, seed):
+    batch, lq, num_heads, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((batch, num_heads, lq),
+                                                                                   dtype=torch.float32)
+
+
+@torch.library.custom_op("vilbert_kernels::attention_backward", mutates_args=())
+def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                       q_lens: Optional[Tensor], kv_lens: Optional[Tensor], dropout_p: float, softmax_scale: float,
+                       seed: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of one attention direction; the dropout mask is regenerated from seed."""
+    ((dq, dk, dv),) = _attention_backward([(q, k, v)], [out], [lse], [dout], q_lens, kv_lens, dropout_p,
+                                          softmax_scale, int(seed.item()))
+    return dq, dk, dv
+
+
+@attention_backward.register_fake
+def _(dout, q, k, v, out, lse, q_lens, kv_lens, dropout_p, softmax_scale, seed):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, q_lens, kv_lens, dropout_p, softmax_scale, seed = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, q_lens, kv_lens, seed)
+    ctx.dropout_p, ctx.softmax_scale = dropout_p, softmax_scale
+
+
+def _attention_autograd(ctx, dout, dlse):  # lse is non-differentiable: dlse is None
+    q, k, v, out, lse, q_lens, kv_lens, seed = ctx.saved_tensors
+    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, q_lens, kv_lens, ctx.dropout_p, ctx.softmax_scale, seed)
+    return dq, dk, dv, None, None, None, None, None
+
+
+attention_forward.register_autograd(_attention_autograd, setup_context=_attention_setup_context)
+
+
+@torch.library.custom_op("vilbert_kernels::co_attention_forward", mutates_args=())
+def co_attention_forward(text_q: Tensor, text_k: Tensor, text_v: Tensor, image_q: Tensor, image_k: Tensor,
+                         image_v: Tensor, text_lens: Optional[Tensor], image_lens: Optional[Tensor], dropout_p: float,
+                         softmax_scale: float, seed: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(text_out, image_out, text_lse, image_lse): both directions in one launch."""
+    directions = [(text_q, image_k, image_v), (image_q, text_k, text_v)]
+    (text_out, image_out), (text_lse, image_lse) = _attention_forward(directions, text_lens, image_lens, dropout_p,
+                                                                      softmax_scale, int(seed.item()))
+    return text_out, image_out, text_lse, image_lse
+
+
+@co_attention_forward.register_fake
+def _(text_q, text_k, text_v, image_q, image_k, image_v, text_lens, image_lens, dropout_p, softmax_scale, seed):
+    outs = [torch.empty_like(q, memory_format=torch.contiguous_format) for q in (text_q, image_q)]
+    lses = [q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32) for q in (text_q, image_q)]
+    return (*outs, *lses)
+
+
+@torch.library.custom_op("vilbert_kernels::co_attention_backward", mutates_args=())
+def co_attention_backward(text_dout: Tensor, image_dout: Tensor, text_q: Tensor, text_k: Tensor, text_v: Tensor,
+                          image_q: Tensor, image_k: Tensor, image_v: Tensor, text_out: Tensor, image_out: Tensor,
+                          text_lse: Tensor, image_lse: Tensor, text_lens: Optional[Tensor],
+                          image_lens: Optional[Tensor], dropout_p: float, softmax_scale: float,
+                          seed: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of the six inputs: two launches for both directions."""
+    directions = [(text_q, image_k, image_v), (image_q, text_k, text_v)]
+    (text_dq, image_dk, image_dv), (image_dq, text_dk, text_dv) = _attention_backward(
+        directions, [text_out, image_out], [text_lse, image_lse], [text_dout, image_dout], text_lens, image_lens,
+        dropout_p, softmax_scale, int(seed.item()))
+    return text_dq, text_dk, text_dv, image_dq, image_dk, image_dv
+
+
+@co_attention_backward.register_fake
+def _(text_dout, image_dout, text_q, text_k, text_v, image_q, image_k, image_v, *rest):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
+                 for t in (text_q, text_k, text_v, image_q, image_k, image_v))
+
+
+def _co_attention_setup_context(ctx, inputs, output):
+    *qkv, text_lens, image_lens, dropout_p, softmax_scale, seed = inputs
+    ctx.mark_non_differentiable(*output[2:])  # the LSEs
+    ctx.save_for_backward(*qkv, *output, text_lens, image_lens, seed)
+    ctx.dropout_p, ctx.softmax_scale = dropout_p, softmax_scale
+
+
+def _co_attention_autograd(ctx, text_dout, image_dout, text_dlse, image_dlse):
+    *saved, text_lens, image_lens, seed = ctx.saved_tensors
+    grads = co_attention_backward(text_dout, image_dout, *saved, text_lens, image_lens, ctx.dropout_p,
+                                  ctx.softmax_scale, seed)
+    return (*grads, None, None, None, None, None)
+
+
+co_attention_forward.register_autograd(_co_attention_autograd, setup_context=_co_attention_setup_context)
+
+
+def _draw_seed(dropout_p: float) -> Tensor:
+    """The Philox seed, a CPU int64 tensor (1,) from torch's default generator; zero without dropout (no draw)."""
+    if dropout_p > 0.0:
+        return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+    return torch.zeros(1, dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Public functions and their input checks
+# ----------------------------------------------------------------------------------------------------------------------
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _autocast(tensors):
+    """Under torch.autocast, cast the inputs to the autocast dtype (the kernels run in one dtype)."""
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return tensors  # the checks that follow name the culprit
+    device_type = tensors[0].device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return [t.to(dtype) if t.is_floating_point() else t for t in tensors]
+    return tensors
+
+
+def _check_tensors(named: dict) -> None:
+    """Every input a 4-D (batch, seqlen, nheads, headdim) floating tensor; one dtype, one device; head dim usable."""
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, seqlen, nheads, headdim), got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    (first, ref), *rest = named.items()
+    for name, t in rest:
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {first} is on {ref.device}; expected one device")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first} has {ref.dtype}; expected one dtype")
+        for dim, what in ((0, "batch"), (2, "nheads"), (3, "headdim")):
+            if t.shape[dim] != ref.shape[dim]:
+                raise ValueError(f"{name} has {what}={t.shape[dim]} but {first} has {what}={ref.shape[dim]}; "
+                                 f"expected equal (shapes {tuple(t.shape)} and {tuple(ref.shape)})")
+    head_dim = ref.shape[3]
+    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+        raise ValueError(f"headdim of {first} must be a power of 2 in [16, 256], got {head_dim}")
+    for name, t in named.items():
+        if t.shape[1] == 0:
+            raise ValueError(f"{name} has seqlen 0; expected at least 1 (use lengths for empty samples)")
+
+
+def _check_same_len(named: dict) -> None:
+    (first, ref), *rest = named.items()
+    for name, t in rest:
+        if t.shape[1] != ref.shape[1]:
+            raise ValueError(f"{name} has seqlen {t.shape[1]} but {first} has {ref.shape[1]}; expected equal")
+
+
+def _check_lens(name: str, lens, batch: int, device) -> None:
+    if lens is None:
+        return
+    if not isinstance(lens, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape ({batch},) or None, got {type(lens).__name__}")
+    if lens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must have dtype int32 or int64, got {lens.dtype}")
+    if tuple(lens.shape) != (batch,):
+        raise ValueError(f"{name} must have shape (batch,) = ({batch},), got {tuple(lens.shape)}")
+    if lens.device != device:
+        raise ValueError(f"{name} is on {lens.device}; expected the inputs' device {device}")
+
+
+def _check_dropout_and_scale(dropout_p, softmax_scale, head_dim: int) -> Tuple[float, float]:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if softmax_scale is None:
+        return float(dropout_p), 1.0 / math.sqrt(head_dim)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale must be a finite positive float, got {softmax_scale}")
+    return float(dropout_p), float(softmax_scale)
+
+
+def attention(q, k, v, q_lens=None, kv_lens=None, dropout_p=0.0, softmax_scale=None):
+    """Fused softmax attention with per-sample lengths and dropout on the probabilities.
+
+    out[b, i, h] = sum_j dropout(softmax_j(softmax_scale * q[b, i, h] . k[b, j, h])) v[b, j, h], over keys
+    j < kv_lens[b]; rows i >= q_lens[b] of out are zero. Equal to `vilbert_kernels.reference.attention`.
+
+    Arguments:
+        q: (batch_size, seqlen_q, nheads, headdim), float16, bfloat16 or float32. Strided views are read in place
+            when headdim is contiguous and every row starts 16-byte aligned (contiguous tensors, slices of a fused
+            (batch_size, seqlen, 3, nheads, headdim) projection); other layouts are copied once.
+        k, v: (batch_size, seqlen_k, nheads, headdim), same dtype and device as q. seqlen_k may differ from seqlen_q.
+        q_lens: (batch_size,) int32/int64 on q's device, or None (all seqlen_q rows real). Rows >= q_lens[b] are
+            padding: their output and the gradients flowing from them are zero.
+        kv_lens: (batch_size,) int32/int64 on q's device, or None (all seqlen_k keys real). Keys >= kv_lens[b] are
+            masked out. A sample with kv_lens[b] == 0 gives zeros (never NaN).
+            Lengths are clamped to [0, seqlen] inside the kernel (a length above seqlen means "all"), so nothing
+            is read back to the host.
+        dropout_p: probability of dropping an attention probability, in [0, 1). Kept entries are scaled by
+            1 / (1 - dropout_p). Applied whenever dropout_p > 0 (pass 0.0 at eval time). The mask is drawn from a
+            seed taken from torch's default (CPU) generator, so torch.manual_seed reproduces it; the backward
+            regenerates it from that seed.
+        softmax_scale: scaling of q k^T before the softmax; default 1 / sqrt(headdim).
+    Return:
+        out: (batch_size, seqlen_q, nheads, headdim), contiguous, q's dtype (fp32 accumulation inside).
+        Differentiable with respect to q, k and v. Under torch.autocast the inputs are cast to the autocast dtype
+        first. Works under torch.compile(fullgraph=True) (the kernels are registered custom ops).
+    """
+    q, k, v = _autocast([q, k, v])
+    _check_tensors({"q": q, "k": k, "v": v})
+    _check_same_len({"k": k, "v": v})
+    _check_lens("q_lens", q_lens, q.shape[0], q.device)
+    _check_lens("kv_lens", kv_lens, q.shape[0], q.device)
+    dropout_p, softmax_scale = _check_dropout_and_scale(dropout_p, softmax_scale, q.shape[3])
+    out, _ = attention_forward(q, k, v, q_lens, kv_lens, dropout_p, softmax_scale, _draw_seed(dropout_p))
+    return out
+
+
+def co_attention(text_q, text_k, text_v, image_q, image_k, image_v, text_lens=None, image_lens=None, dropout_p=0.0,
+                 softmax_scale=None):
+    """ViLBERT's co-attention, both directions in one kernel launch (two in the backward).
+
+    text_out = attention(text_q, image_k, image_v, text_lens, image_lens, dropout_p, softmax_scale)
+    image_out = attention(image_q, text_k, text_v, image_lens, text_lens, dropout_p, softmax_scale)
+    with independent dropout masks for the two directions.
+
+    Arguments:
+        text_q, text_k, text_v: (batch_size, seqlen_text, nheads, headdim), float16, bfloat16 or float32; strided
+            views as in `attention`.
+        image_q, image_k, image_v: (batch_size, seqlen_image, nheads, headdim), same dtype, device, batch_size,
+            nheads and headdim as the text tensors.
+        text_lens: (batch_size,) int32/int64 or None: real text tokens per sample. Masks the text keys of the image
+            direction and zeroes text_out rows >= text_lens[b].
+        image_lens: (batch_size,) int32/int64 or None: real regions per sample. Masks the image keys of the text
+            direction and zeroes image_out rows >= image_lens[b].
+            Lengths are clamped to [0, seqlen] inside the kernel; a length of 0 gives zeros on the other side.
+        dropout_p, softmax_scale: as in `attention`.
+    Return:
+        (text_out (batch_size, seqlen_text, nheads, headdim), image_out (batch_size, seqlen_image, nheads, headdim)),
+        in the inputs' dtype; differentiable with respect to all six inputs.
+    """
+    text_q, text_k, text_v, image_q, image_k, image_v = _autocast([text_q, text_k, text_v, image_q, image_k, image_v])
+    _check_tensors({"text_q": text_q, "text_k": text_k, "text_v": text_v,
+                    "image_q": image_q, "image_k": image_k, "image_v": image_v})
+    _check_same_len({"text_q": text_q, "text_k": text_k, "text_v": text_v})
+    _check_same_len({"image_q": image_q, "image_k": image_k, "image_v": image_v})
+    _check_lens("text_lens", text_lens, text_q.shape[0], text_q.device)
+    _check_lens("image_lens", image_lens, text_q.shape[0], text_q.device)
+    dropout_p, softmax_scale = _check_dropout_and_scale(dropout_p, softmax_scale, text_q.shape[3])
+    text_out, image_out, _, _ = co_attention_forward(text_q, text_k, text_v, image_q, image_k, image_v, text_lens,
+                                                     image_lens, dropout_p, softmax_scale, _draw_seed(dropout_p))
+    return text_out, image_out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# sm_90 compile check
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _signature(fn, dtype: str, constexprs: dict) -> dict:
+    """Argument types as the launcher passes them: q/k/v/out/grad tensors of `dtype`, fp32 LSE, int64 lengths,
+    fp32 scale and dropout_p, int32 strides, lengths, head count and seed."""
+    scalars = {"softmax_scale": "fp32", "dropout_p": "fp32", "SEED": "i32", "L_A": "i32", "L_B": "i32", "H": "i32"}
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in scalars:
+            signature[name] = scalars[name]
+        elif name.startswith("stride_"):
+            signature[name] = "i32"
+        elif name.startswith("LENS_"):
+            signature[name] = "*i64"
+        elif name.startswith("LSE"):
+            signature[name] = "*fp32"
+        else:
+            signature[name] = f"*{dtype}"
+    return signature
+
+
+def sm90_specs() -> List[KernelSpec]:
+    """The three kernels at the configurations the launcher uses for ViLBERT (both directions, lengths given):
+    fp16/bf16, D=64 (text heads) and 128 (visual and co-attention heads), with and without dropout, for lengths
+    33..128 (64-row tiles: pretraining 36x37, downstream up to 101) and 17..32 (32-row tiles)."""
+    kernels = {"fwd": _attention_fwd_kernel, "bwd_dkdv": _attention_bwd_dkdv_kernel, "bwd_dq": _attention_bwd_dq_kernel}
+    specs = []
+    for head_dim in (64, 128):
+        for dtype in ("fp16", "bf16"):
+            for dropout in (False, True):
+                for length in (37, 32):
+                    for short, config in attention_launch_config(length, length, head_dim).items():
+                        constexprs = dict(HAS_LENS_A=True, HAS_LENS_B=True, DROPOUT=dropout, HEAD_DIM=head_dim,
+                                          BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], DOT_PRECISION="tf32")
+                        name = (f"attention_{short}[D={head_dim},{dtype},dropout={int(dropout)},"
+                                f"BLOCK={config['BLOCK_M']}x{config['BLOCK_N']}]")
+                        fn = kernels[short]
+                        specs.append(KernelSpec(name, fn, _signature(fn, dtype, constexprs), constexprs,
+                                                num_warps=config["num_warps"], num_stages=config["num_stages"]))
+    return specs

@@ -1,0 +1,498 @@
+"""Tests of `vilbert_kernels.attention` and `co_attention` against the float64 reference in `kernels/reference.py`.
+
+On the CPU the kernels run in Triton's interpreter in fp32, so shapes are small; fp16/bf16 at the model's shapes run in
+the `gpu` tests. Every buffer the kernels write starts as NaN (`poisoned_empty`), so a row the kernel forgets to
+write shows up. Seeds come from the `seed` fixture (fresh each run, printed on failure).
+"""
+import contextlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vilbert_kernels
+from vilbert_kernels import attention, co_attention, reference
+
+# The module (the package attribute `attention` is the function).
+attention_impl = sys.modules["vilbert_kernels.attention"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def poisoned_empty():
+    """torch.empty returns NaN-filled floating tensors (the kernels' outputs, LSE and gradients are torch.empty)."""
+    original = torch.empty
+
+    def empty(*args, **kwargs):
+        t = original(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = empty
+    try:
+        yield
+    finally:
+        torch.empty = original
+
+
+def lens_tensor(values, device):
+    return None if values is None else torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def reference_attention(q, k, v, q_lens, kv_lens, dropout_p=0.0, softmax_scale=None):
+    """reference.attention in the inputs' dtype. A sample with kv_lens 0 is zero by the spec; in float64,
+    reference.py's masked softmax goes through float32 (finfo(float64).min -> -inf) and gives NaN there, so such
+    samples get one fake key and are zeroed afterwards."""
+    if kv_lens is None:
+        return reference.attention(q, k, v, q_lens, None, dropout_p, softmax_scale)
+    has_keys = (kv_lens > 0).to(q.dtype)[:, None, None, None]
+    return reference.attention(q, k, v, q_lens, kv_lens.clamp(min=1), dropout_p, softmax_scale) * has_keys
+
+
+def masked_reference(q, k, v, q_lens, kv_lens, keep, dropout_p, softmax_scale=None):
+    """float64 attention with a given dropout keep mask (B, H, Lq, Lk): the spec of the dropped function."""
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    scale = D ** -0.5 if softmax_scale is None else softmax_scale
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) * scale  # (B, H, Lq, Lk)
+    kv_lens = torch.full((B,), Lk, device=q.device) if kv_lens is None else kv_lens
+    key_valid = torch.arange(Lk, device=q.device)[None, :] < kv_lens[:, None]  # (B, Lk)
+    scores = scores.masked_fill(~key_valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0) * keep / (1.0 - dropout_p)
+    out = torch.einsum("bhij,bjhd->bihd", probs, v)  # (B, Lq, H, D)
+    if q_lens is not None:
+        out = out * (torch.arange(Lq, device=q.device)[None, :] < q_lens[:, None])[:, :, None, None]
+    return out
+
+
+def dropout_keep_mask(device, batch, lq, lk, heads, dropout_p, seed, co=False):
+    """The kernel's keep mask (B, H, Lq, Lk) for the call made right after torch.manual_seed(seed): run that call with
+    q = k = 0 (uniform probabilities, all > 0) and v = one-hot key index, so out[b, i, h, j] != 0 iff (i, j) is kept.
+    The mask depends on the seed, the shapes and the direction, not on the values or the head dim."""
+    width = 32  # one-hot width: any head dim >= lk works
+    assert lk <= width and (not co or lq <= width)
+
+    def one_hot(length):  # (B, L, H, width)
+        eye = torch.eye(width, device=device)
+        return eye[:length][None, :, None, :].expand(batch, length, heads, width).contiguous()
+
+    torch.manual_seed(seed)
+    if co:
+        zeros_t = torch.zeros(batch, lq, heads, width, device=device)
+        zeros_i = torch.zeros(batch, lk, heads, width, device=device)
+        text_out, image_out = co_attention(zeros_t, zeros_t, one_hot(lq), zeros_i, zeros_i, one_hot(lk),
+                                           dropout_p=dropout_p)
+        return (text_out[..., :lk] != 0).permute(0, 2, 1, 3), (image_out[..., :lq] != 0).permute(0, 2, 1, 3)
+    out = attention(torch.zeros(batch, lq, heads, width, device=device),
+                    torch.zeros(batch, lk, heads, width, device=device), one_hot(lk), dropout_p=dropout_p)
+    return (out[..., :lk] != 0).permute(0, 2, 1, 3)  # (B, H, Lq, Lk)
+
+
+def assert_rel_close(actual, expected, rtol, name):
+    """Max abs error relative to the largest reference magnitude (one number per tensor, reported on failure).
+    The floor of the scale covers values that are zero only in exact arithmetic (dq, dk with a single key)."""
+    assert not torch.isnan(actual).any(), f"{name}: NaN in the kernel output"
+    err = (actual.double() - expected.double()).abs().max().item()
+    scale = max(expected.double().abs().max().item(), 1e-2)
+    assert err <= rtol * scale, f"{name}: max abs error {err:.3e} > {rtol} * {scale:.3e}"
+
+
+def run_with_grads(fn, inputs, grad_out):
+    """fn(*inputs) and the gradients of <fn(...), grad_out> for every input, with NaN-poisoned kernel buffers."""
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    with poisoned_empty():
+        out = fn(*inputs)
+        outs = out if isinstance(out, tuple) else (out,)
+        grads = torch.autograd.grad(outs, inputs, grad_out if isinstance(grad_out, tuple) else (grad_out,))
+    return out, grads
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Forward and backward against the float64 reference
+# ----------------------------------------------------------------------------------------------------------------------
+
+# (B, Lq, Lk, H, D, q_lens, kv_lens): edges of every kind, not the full cross product. Lengths above L are clamped.
+SHAPES = [
+    (1, 1, 1, 1, 16, None, None),
+    (2, 5, 37, 2, 32, [5, 2], [0, 37]),  # an empty sample, an odd partial query tile
+    (2, 36, 37, 1, 64, [36, 0], [37, 1]),  # pretraining text x image; zero queries; a single key
+    (2, 37, 36, 1, 128, None, None),  # the other direction, full
+    (1, 64, 101, 1, 64, [50], [101]),  # exact query tile; two key blocks, the second partial
+    (2, 130, 5, 1, 32, [130, 64], [5, 3]),  # three query tiles, one fully padded in sample 1
+    (1, 101, 130, 1, 16, [200], [129]),  # q_lens above Lq is clamped; last key block holds one real key
+]
+SLOW_SHAPES = [
+    (2, 130, 130, 2, 128, [130, 7], [1, 130]),
+    (3, 64, 36, 2, 64, [0, 64, 33], [36, 36, 0]),
+    (2, 101, 64, 3, 32, [101, 100], [64, 63]),
+]
+
+
+def _check_against_reference(device, shape):
+    B, Lq, Lk, H, D, q_lens, kv_lens = shape
+    q, grad_out = torch.randn(B, Lq, H, D, device=device), torch.randn(B, Lq, H, D, device=device)
+    k, v = torch.randn(B, Lk, H, D, device=device), torch.randn(B, Lk, H, D, device=device)
+    q_lens, kv_lens = lens_tensor(q_lens, device), lens_tensor(kv_lens, device)
+
+    out, grads = run_with_grads(lambda q, k, v: attention(q, k, v, q_lens, kv_lens), (q, k, v), grad_out)
+    ref_out, ref_grads = run_with_grads_reference(q, k, v, q_lens, kv_lens, grad_out)
+    assert_rel_close(out, ref_out, 1e-4, "out")
+    for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_rel_close(g, rg, 1e-4, name)
+    if q_lens is not None:  # padded query rows are exactly zero, and so is their gradient
+        padded = torch.arange(Lq, device=device)[None, :] >= q_lens[:, None]  # (B, Lq)
+        assert (out[padded] == 0).all() and (grads[0][padded] == 0).all()
+    if kv_lens is not None:
+        padded = torch.arange(Lk, device=device)[None, :] >= kv_lens[:, None]  # (B, Lk)
+        assert (grads[1][padded] == 0).all() and (grads[2][padded] == 0).all()
+
+
+def run_with_grads_reference(q, k, v, q_lens, kv_lens, grad_out):
+    inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out = reference_attention(*inputs, q_lens, kv_lens)
+    return out, torch.autograd.grad(out, inputs, grad_out.double())
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-Lq{}-Lk{}-H{}-D{}-q{}-kv{}".format(*s))
+def test_attention_matches_reference(device, seed, shape):
+    _check_against_reference(device, shape)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", SLOW_SHAPES, ids=lambda s: "B{}-Lq{}-Lk{}-H{}-D{}-q{}-kv{}".format(*s))
+def test_attention_matches_reference_larger(device, seed, shape):
+    _check_against_reference(device, shape)
+
+
+def test_softmax_scale_and_lengths_above_seqlen(device, seed):
+    B, Lq, Lk, H, D = 2, 5, 7, 2, 16
+    q, k, v = (torch.randn(B, L, H, D, device=device) for L in (Lq, Lk, Lk))
+    out = attention(q, k, v, softmax_scale=0.3)
+    assert_rel_close(out, reference.attention(q.double(), k.double(), v.double(), softmax_scale=0.3), 1e-5, "out")
+    clamped = attention(q, k, v, lens_tensor([Lq + 3, 99], device), lens_tensor([Lk, Lk + 1], device),
+                        softmax_scale=0.3)
+    torch.testing.assert_close(clamped, out, rtol=0, atol=0)
+
+
+def test_fused_qkv_slices_are_read_in_place(device, seed):
+    B, L, H, D = 2, 37, 2, 32
+    qkv = torch.randn(B, L, 3, H, D, device=device, requires_grad=True)  # one fused projection
+    q, k, v = qkv.unbind(2)  # (B, L, H, D) views with stride 3*H*D along L
+    assert attention_impl._aligned(q) is q, "a fused-projection slice must not be copied"
+    lens = torch.tensor([37, 20], device=device)
+    out = attention(q, k, v, lens, lens)
+    grad_out = torch.randn_like(out)
+    (grad_fused,) = torch.autograd.grad(out, qkv, grad_out)
+    dense = [t.detach().contiguous().requires_grad_() for t in (q, k, v)]
+    out_dense = attention(*dense, lens, lens)
+    grads_dense = torch.autograd.grad(out_dense, dense, grad_out)
+    torch.testing.assert_close(out, out_dense, rtol=0, atol=0)
+    torch.testing.assert_close(grad_fused, torch.stack(grads_dense, dim=2), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Co-attention
+# ----------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T, V, D, text_lens, image_lens", [
+    (36, 37, 64, [36, 3, 0], [37, 0, 10]),
+    (5, 20, 32, None, [20, 1, 7]),
+])
+def test_co_attention_equals_two_attention_calls(device, seed, T, V, D, text_lens, image_lens):
+    B, H = 3, 1
+    text = [torch.randn(B, T, H, D, device=device) for _ in range(3)]
+    image = [torch.randn(B, V, H, D, device=device) for _ in range(3)]
+    text_lens, image_lens = lens_tensor(text_lens, device), lens_tensor(image_lens, device)
+    grad_out = (torch.randn(B, T, H, D, device=device), torch.randn(B, V, H, D, device=device))
+
+    (text_out, image_out), grads = run_with_grads(
+        lambda *x: co_attention(*x, text_lens, image_lens), text + image, grad_out)
+
+    def two_calls(tq, tk, tv, iq, ik, iv):
+        return (attention(tq, ik, iv, text_lens, image_lens), attention(iq, tk, tv, image_lens, text_lens))
+
+    (text_ref, image_ref), ref_grads = run_with_grads(two_calls, text + image, grad_out)
+    torch.testing.assert_close(text_out, text_ref, rtol=0, atol=0)
+    torch.testing.assert_close(image_out, image_ref, rtol=0, atol=0)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, rtol=0, atol=0)
+    tq, tk, tv, iq, ik, iv = (t.double() for t in text + image)
+    assert_rel_close(text_out, reference_attention(tq, ik, iv, text_lens, image_lens), 1e-4, "text_out")
+    assert_rel_close(image_out, reference_attention(iq, tk, tv, image_lens, text_lens), 1e-4, "image_out")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Dropout
+# ----------------------------------------------------------------------------------------------------------------------
+
+def test_dropout_is_reproducible_and_fresh_per_call(device, seed):
+    q, k, v = (torch.randn(2, 9, 2, 16, device=device) for _ in range(3))
+    torch.manual_seed(seed)
+    first = attention(q, k, v, dropout_p=0.3)
+    second = attention(q, k, v, dropout_p=0.3)
+    torch.manual_seed(seed)
+    again = attention(q, k, v, dropout_p=0.3)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    assert not torch.equal(first, second), "two calls in a row must draw different masks"
+
+
+def test_dropout_keep_rate_and_scaling(device, seed):
+    B, Lq, Lk, H, p = 2, 64, 32, 4, 0.3
+    keep = dropout_keep_mask(device, B, Lq, Lk, H, p, seed)
+    n = keep.numel()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(keep.double().mean().item() - (1 - p)) < 5 * sigma
+    # The two directions of co-attention draw independent masks.
+    text_keep, image_keep = dropout_keep_mask(device, B, 20, 24, H, p, seed, co=True)
+    agree = (text_keep[:, :, :20, :20] == image_keep[:, :, :20, :20]).double().mean().item()
+    assert abs(agree - (p * p + (1 - p) ** 2)) < 0.05
+    # Kept probabilities are scaled by exactly 1 / (1 - p): out = (P * keep / (1 - p)) @ v with v one-hot.
+    q, k = torch.randn(B, Lq, H, 32, device=device), torch.randn(B, Lk, H, 32, device=device)
+    v = torch.eye(32, device=device)[:Lk][None, :, None, :].expand(B, Lk, H, 32).contiguous()
+    torch.manual_seed(seed)
+    out = attention(q, k, v, dropout_p=p)
+    expected = masked_reference(q.double(), k.double(), v.double(), None, None, keep, p)
+    assert_rel_close(out, expected, 1e-5, "dropped out")
+
+
+def test_dropout_is_unbiased(device, seed):
+    Lk, D, p, draws = 64, 16, 0.5, 2048
+    q, k, v = (torch.randn(1, L, 1, D, device=device) for L in (1, Lk, Lk))
+    # One query repeated along the rows: every row draws its own mask, so the rows are `draws` samples.
+    samples = attention(q.expand(1, draws, 1, D), k, v, dropout_p=p)[0, :, 0].double()  # (draws, D)
+    expected = reference.attention(q.double(), k.double(), v.double())[0, 0, 0]  # (D,)
+    stderr = samples.std(0) / draws ** 0.5
+    z = ((samples.mean(0) - expected).abs() / stderr.clamp(min=1e-6)).max().item()
+    assert z < 5.0, f"mean over {draws} dropout draws is {z:.1f} standard errors from the no-dropout output"
+    # A global bias (a keep rate or scale slightly off) shows in the projection of each draw on the expected output.
+    ratios = (samples * expected).sum(1) / (expected ** 2).sum()  # (draws,), 1 in expectation
+    z = (ratios.mean() - 1).abs() / (ratios.std() / draws ** 0.5)
+    assert z < 5.0, f"dropout output is biased: mean projection ratio {ratios.mean():.4f}, {z:.1f} standard errors"
+
+
+def test_dropout_backward_matches_reference_with_the_same_mask(device, seed):
+    B, Lq, Lk, H, D, p = 2, 13, 20, 2, 64, 0.25
+    q_lens, kv_lens = lens_tensor([13, 6], device), lens_tensor([20, 9], device)
+    keep = dropout_keep_mask(device, B, Lq, Lk, H, p, seed)
+    q, k, v, grad_out = (torch.randn(B, L, H, D, device=device) for L in (Lq, Lk, Lk, Lq))
+
+    def dropped(q, k, v):
+        torch.manual_seed(seed)
+        return attention(q, k, v, q_lens, kv_lens, dropout_p=p)
+
+    out, grads = run_with_grads(dropped, (q, k, v), grad_out)
+    inputs = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_out = masked_reference(*inputs, q_lens, kv_lens, keep, p)
+    ref_grads = torch.autograd.grad(ref_out, inputs, grad_out.double())
+    assert_rel_close(out, ref_out, 1e-4, "out")
+    for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_rel_close(g, rg, 1e-4, name)
+
+
+def test_dropout_gradient_finite_differences(device, seed):
+    """Directional derivative of <out, w> with the seed fixed: central difference vs the kernels' gradients."""
+    B, Lq, Lk, H, D, p, eps = 1, 6, 9, 2, 16, 0.2, 1e-2
+    q, k, v, w = (torch.randn(B, L, H, D, device=device) for L in (Lq, Lk, Lk, Lq))
+    directions = [torch.randn_like(t) for t in (q, k, v)]
+
+    def f(q, k, v):
+        torch.manual_seed(seed)
+        return attention(q, k, v, dropout_p=p)
+
+    _, grads = run_with_grads(f, (q, k, v), w)
+    plus = (f(*(t + eps * d for t, d in zip((q, k, v), directions))) * w).sum().double()
+    minus = (f(*(t - eps * d for t, d in zip((q, k, v), directions))) * w).sum().double()
+    numeric = ((plus - minus) / (2 * eps)).item()
+    analytic = sum((g.double() * d.double()).sum() for g, d in zip(grads, directions)).item()
+    assert abs(numeric - analytic) <= 1e-2 * max(abs(analytic), 1.0), (numeric, analytic)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Input checks, autocast
+# ----------------------------------------------------------------------------------------------------------------------
+
+def _inputs(**overrides):
+    args = dict(q=torch.randn(2, 5, 2, 16), k=torch.randn(2, 7, 2, 16), v=torch.randn(2, 7, 2, 16),
+                q_lens=None, kv_lens=None, dropout_p=0.0, softmax_scale=None)
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    (dict(q=torch.randn(2, 5, 32)), ValueError, "q must be 4-D"),
+    (dict(k=torch.randn(3, 7, 2, 16)), ValueError, "k has batch=3"),
+    (dict(v=torch.randn(2, 7, 4, 16)), ValueError, "v has nheads=4"),
+    (dict(k=torch.randn(2, 7, 2, 32)), ValueError, "k has headdim=32"),
+    (dict(v=torch.randn(2, 6, 2, 16)), ValueError, "v has seqlen 6"),
+    (dict(k=torch.randn(2, 7, 2, 16, dtype=torch.float64)), TypeError, "k must be float16, bfloat16 or float32"),
+    (dict(q=torch.randint(0, 3, (2, 5, 2, 16))), TypeError, "q must be float16"),
+    (dict(v=torch.randn(2, 7, 2, 16).half()), TypeError, "v has dtype torch.float16"),
+    (dict(q=torch.randn(2, 5, 2, 24), k=torch.randn(2, 7, 2, 24), v=torch.randn(2, 7, 2, 24)), ValueError,
+     "power of 2"),
+    (dict(q=[[0.0]]), TypeError, "q must be a torch.Tensor"),
+    (dict(k=torch.randn(2, 7, 2, 16, device="meta")), ValueError, "k is on meta but q is on cpu"),
+    (dict(q_lens=torch.tensor([1.0, 2.0])), TypeError, "q_lens must have dtype int32 or int64"),
+    (dict(q_lens=torch.tensor([1, 2], device="meta")), ValueError, "q_lens is on meta"),
+    (dict(kv_lens=torch.tensor([1, 2, 3])), ValueError, r"kv_lens must have shape \(batch,\) = \(2,\)"),
+    (dict(kv_lens=[1, 2]), TypeError, "kv_lens must be a torch.Tensor"),
+    (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
+    (dict(dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\)"),
+    (dict(dropout_p="0.1"), TypeError, "dropout_p must be a float"),
+    (dict(softmax_scale=0.0), ValueError, "softmax_scale must be a finite positive float"),
+])
+def test_bad_inputs_name_the_argument(overrides, error, match):
+    with pytest.raises(error, match=match):
+        attention(**_inputs(**overrides))
+
+
+def test_bad_co_attention_inputs_name_the_argument():
+    text, image = torch.randn(2, 5, 2, 16), torch.randn(2, 7, 2, 16)
+    with pytest.raises(ValueError, match="image_k has seqlen 6"):
+        co_attention(text, text, text, image, torch.randn(2, 6, 2, 16), image)
+    with pytest.raises(ValueError, match="image_q has nheads=3"):
+        co_attention(text, text, text, torch.randn(2, 7, 3, 16), image, image)
+    with pytest.raises(ValueError, match="image_lens must have shape"):
+        co_attention(text, text, text, image, image, image, image_lens=torch.tensor([7]))
+
+
+def test_autocast_runs_in_the_autocast_dtype(device, seed):
+    q, k, v = (torch.randn(1, 6, 1, 16, device=device) for _ in range(3))
+    with torch.autocast(device.type, dtype=torch.float16):
+        out = attention(q, k, v)
+    assert out.dtype == torch.float16
+    expected = reference.attention(*(t.half().double() for t in (q, k, v)))
+    assert_rel_close(out, expected, 2e-3, "autocast out")
+
+
+def test_torch_compile_fullgraph_matches_eager(device, seed):
+    """No graph breaks (fullgraph=True); the same seed gives the same dropout mask compiled and eager."""
+    text_lens, image_lens = lens_tensor([5, 3], device), lens_tensor([7, 0], device)
+    inputs = [torch.randn(2, L, 2, 16, device=device) for L in (5, 5, 5, 7, 7, 7)]
+
+    def step(tq, tk, tv, iq, ik, iv):
+        text_out, image_out = co_attention(tq, tk, tv, iq, ik, iv, text_lens, image_lens, dropout_p=0.1)
+        return text_out, image_out, attention(tq, ik, iv, text_lens, image_lens, dropout_p=0.1)
+
+    grad_outs = tuple(torch.randn(2, L, 2, 16, device=device) for L in (5, 7, 5))
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    torch.manual_seed(seed)
+    outs, grads = run_with_grads(compiled, inputs, grad_outs)
+    torch.manual_seed(seed)
+    ref_outs, ref_grads = run_with_grads(step, inputs, grad_outs)
+    for got, expected in zip(outs + grads, ref_outs + ref_grads):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_registered_ops_pass_opcheck(device, seed):
+    """Schema, fake tensors, autograd registration and AOT dispatch of the four registered ops."""
+    q, k, v = (torch.randn(2, L, 1, 16, device=device, requires_grad=True) for L in (5, 7, 7))
+    q_lens, kv_lens = lens_tensor([5, 2], device), lens_tensor([0, 7], device)
+    seed_tensor = torch.tensor([seed % 2**31])
+    ops = torch.ops.vilbert_kernels
+    out, lse = ops.attention_forward(q, k, v, q_lens, kv_lens, 0.1, 0.25, seed_tensor)
+    text_out, image_out, text_lse, image_lse = ops.co_attention_forward(q, q, q, k, k, k, q_lens, kv_lens, 0.1,
+                                                                        0.25, seed_tensor)
+    # The backward ops are not differentiable themselves (no double backward): check them on plain tensors.
+    qd, kd, vd, out, text_out, image_out = (t.detach() for t in (q, k, v, out, text_out, image_out))
+    cases = [
+        (ops.attention_forward.default, (q, k, v, q_lens, kv_lens, 0.1, 0.25, seed_tensor)),
+        (ops.attention_backward.default, (torch.randn_like(out), qd, kd, vd, out, lse, q_lens, kv_lens, 0.1, 0.25,
+                                          seed_tensor)),
+        (ops.co_attention_forward.default, (q, q, q, k, k, k, q_lens, kv_lens, 0.1, 0.25, seed_tensor)),
+        (ops.co_attention_backward.default, (torch.randn_like(text_out), torch.randn_like(image_out), qd, qd, qd, kd,
+                                             kd, kd, text_out, image_out, text_lse, image_lse, q_lens, kv_lens, 0.1,
+                                             0.25, seed_tensor)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_public_names_are_exported():
+    assert vilbert_kernels.attention is attention_impl.attention
+    assert "attention" in vilbert_kernels.__all__ and "co_attention" in vilbert_kernels.__all__
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# sm_90 compile check and GPU
+# ----------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow  # ~2 minutes on a loaded CPU; tests/test_compile_check.py already compiles every module by default
+def test_attention_kernels_compile_for_sm90_without_spills():
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "vilbert_kernels.compile_check", "--modules", "attention"],
+                          env=env, capture_output=True, text=True, timeout=900)
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _max_errors(fn, inputs, grad_outs, reference_fn):
+    """Max abs errors of fn's outputs and input gradients (inputs in their low precision) vs reference_fn in float64."""
+    low = [t.detach().clone().requires_grad_() for t in inputs]
+    high = [t.detach().double().requires_grad_() for t in inputs]
+    out_low, out_high = fn(*low), reference_fn(*high)
+    g_low = torch.autograd.grad(out_low, low, grad_outs)
+    g_high = torch.autograd.grad(out_high, high, tuple(g.double() for g in grad_outs))
+    return [(a.double() - b).abs().max().item() for a, b in zip(out_low + g_low, out_high + g_high)]
+
+
+def _assert_as_accurate_as_torch(kernel_fn, torch_fn, inputs, grad_outs, num_outputs):
+    """Kernel error <= 2x (outputs) / 3x (gradients) PyTorch's own error in the same dtype, plus a floor."""
+    kernel = _max_errors(kernel_fn, inputs, grad_outs, torch_fn)
+    baseline = _max_errors(torch_fn, inputs, grad_outs, torch_fn)
+    for i, (got, base) in enumerate(zip(kernel, baseline)):
+        factor = 2 if i < num_outputs else 3
+        assert got <= factor * base + 1e-3, (i, kernel, baseline)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_co_attention_pretraining_shape(dtype, seed):
+    B, T, V, H, D = 8, 36, 37, 8, 128
+    text_lens = torch.randint(1, T + 1, (B,), device="cuda")
+    image_lens = torch.randint(1, V + 1, (B,), device="cuda")
+    text_lens[0], image_lens[1] = 0, 0
+    inputs = [torch.randn(B, L, H, D, device="cuda", dtype=dtype) for L in (T, T, T, V, V, V)]
+    grad_outs = tuple(torch.randn(B, L, H, D, device="cuda", dtype=dtype) for L in (T, V))
+
+    def torch_co_attention(tq, tk, tv, iq, ik, iv):  # PyTorch's maths (kv_lens 0 as in reference_attention)
+        return (reference_attention(tq, ik, iv, text_lens, image_lens),
+                reference_attention(iq, tk, tv, image_lens, text_lens))
+
+    _assert_as_accurate_as_torch(lambda *x: co_attention(*x, text_lens, image_lens), torch_co_attention, inputs,
+                                 grad_outs, num_outputs=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_text_self_attention(dtype, seed):
+    B, L, H, D = 8, 36, 12, 64
+    lens = torch.randint(1, L + 1, (B,), device="cuda")
+    inputs = [torch.randn(B, L, H, D, device="cuda", dtype=dtype) for _ in range(3)]
+    grad_outs = (torch.randn(B, L, H, D, device="cuda", dtype=dtype),)
+    _assert_as_accurate_as_torch(lambda q, k, v: (attention(q, k, v, lens, lens),),
+                                 lambda q, k, v: (reference_attention(q, k, v, lens, lens),), inputs, grad_outs,
+                                 num_outputs=1)
+
+
+@pytest.mark.gpu
+def test_gpu_dropout_backward_matches_same_mask(seed):
+    B, Lq, Lk, H, D, p = 4, 36, 32, 8, 128, 0.1
+    keep = dropout_keep_mask("cuda", B, Lq, Lk, H, p, seed).cpu()
+    inputs = [torch.randn(B, L, H, D, device="cuda") for L in (Lq, Lk, Lk)]
+    grad_out = torch.randn(B, Lq, H, D, device="cuda")
+
+    def dropped(q, k, v):
+        torch.manual_seed(seed)
+        return attention(q, k, v, dropout_p=p)
+
+    out, grads = run_with_grads(dropped, inputs, grad_out)
+    high = [t.detach().cpu().double().requires_grad_() for t in inputs]
+    ref = masked_reference(*high, None, None, keep, p)
+    ref_grads = torch.autograd.grad(ref, high, grad_out.cpu().double())
+    assert_rel_close(out.cpu(), ref, 1e-4, "out")
+    for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_rel_close(g.cpu(), rg, 1e-4, name)
