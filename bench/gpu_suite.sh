@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# The GPU suite: one command on a bare GPU machine with no network, run from the repository root.
+#
+#   bash bench/gpu_suite.sh OUT_DIR [--dry-run]
+#
+# Installs the wheels carried in .whl/ (bench/prepare_wheels.sh fills it), installs the project (editable, no deps),
+# records nvidia-smi and versions, then runs: the sm_90 compile check, `pytest -m gpu`, the kernel tests compiled
+# (on a GPU conftest does not set the interpreter), and the kernels, ops and model benchmarks. Every step has its own
+# timeout, capped so that the whole suite ends inside TOTAL_S seconds (default 420: well inside 8 minutes); a failing
+# step never stops the later ones. Logs, JSON, markdown and plots go under OUT_DIR; OUT_DIR/summary.txt has one line
+# per step with its exit code (124 = timed out) and seconds. --dry-run writes the summary with the commands it would
+# run, running none of them (what CI checks on a machine without a GPU).
+set -uo pipefail
+
+if [[ $# -lt 1 || "$1" == -* ]]; then
+    echo "usage: bash bench/gpu_suite.sh OUT_DIR [--dry-run]" >&2
+    exit 2
+fi
+OUT_DIR=$1
+DRY_RUN=0
+[[ "${2:-}" == "--dry-run" ]] && DRY_RUN=1
+cd "$(dirname "$0")/.." || exit 2
+mkdir -p "$OUT_DIR/logs" "$OUT_DIR/bench" || exit 2
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+SUMMARY="$OUT_DIR/summary.txt"
+PYTHON=${PYTHON:-python3}
+TOTAL_S=${TOTAL_S:-420}
+START=$(date +%s)
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET  # compiled kernels on the GPU; the compile check must not run in the interpreter
+echo "gpu_suite $(date -u +%Y-%m-%dT%H:%M:%SZ) repo=$(pwd) dry_run=$DRY_RUN total_s=$TOTAL_S" >"$SUMMARY"
+
+# run_step NAME TIMEOUT_S CMD...: runs CMD with its output in logs/NAME.log, under a timeout cut to what is left of
+# TOTAL_S (minus RESERVE_S for the steps after it), and appends "NAME rc=N seconds=S" to the summary.
+RESERVE_S=0
+run_step() {
+    local name=$1 limit=$2
+    shift 2
+    local left=$((TOTAL_S - ($(date +%s) - START) - RESERVE_S))
+    ((limit > left)) && limit=$left
+    local log="$OUT_DIR/logs/$name.log" t0 rc
+    t0=$(date +%s)
+    if ((DRY_RUN)); then
+        echo "DRY RUN (timeout ${limit}s): $*" >"$log"
+        rc=0
+    elif ((limit < 5)); then
+        echo "not run: the suite's TOTAL_S=$TOTAL_S is used up" >"$log"
+        rc=125
+    else
+        echo "\$ $* (timeout ${limit}s)" >"$log"
+        timeout -k 10 "$limit" "$@" >>"$log" 2>&1
+        rc=$?
+    fi
+    echo "$name rc=$rc seconds=$(($(date +%s) - t0)) timeout=$limit" >>"$SUMMARY"
+    echo "== $name: rc=$rc ($(($(date +%s) - t0)) s)"
+    return 0
+}
+
+# 1. Wheels the image lacks (deepspeed, pydantic, hjson, lmdb, ...) into /tmp/site, put first on PYTHONPATH.
+if compgen -G ".whl/*.whl" >/dev/null; then
+    run_step install_wheels 60 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+else
+    echo "install_wheels skipped: no .whl/ (bench/prepare_wheels.sh; carry it with the run)" >>"$SUMMARY"
+fi
+
+# 2. The project, editable and offline (setuptools from the image: no build isolation). If that fails, the two
+#    packages are made importable by path: vilbert from the repo root, vilbert_kernels through a link to kernels/.
+run_step install_project 60 "$PYTHON" -m pip install -q --no-deps --no-build-isolation --no-index -e .
+if ((!DRY_RUN)) && ! "$PYTHON" -c "import vilbert, vilbert_kernels" >>"$OUT_DIR/logs/install_project.log" 2>&1; then
+    mkdir -p /tmp/shim && ln -sfn "$(pwd)/kernels" /tmp/shim/vilbert_kernels
+    export PYTHONPATH="$(pwd):/tmp/shim${PYTHONPATH:+:$PYTHONPATH}"
+    echo "install_project: fell back to PYTHONPATH=$PYTHONPATH" >>"$SUMMARY"
+fi
+
+# 3. What this ran on.
+if ((!DRY_RUN)); then
+    {
+        nvidia-smi
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+    } >"$OUT_DIR/nvidia-smi.txt" 2>&1
+    {
+        "$PYTHON" - <<'PY'
+import sys, torch, triton
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
+      "triton", triton.__version__)
+print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
+PY
+        git rev-parse HEAD 2>/dev/null || echo "commit ${BENCH_GIT_COMMIT:-unknown}"
+        "$PYTHON" -m pip list 2>/dev/null
+    } >"$OUT_DIR/versions.txt" 2>&1
+fi
+
+# 4. Checks, then 5. benchmarks. RESERVE_S keeps time for the benchmarks while the checks run.
+RESERVE_S=270
+run_step compile_check 45 "$PYTHON" -m vilbert_kernels.compile_check
+run_step pytest_gpu 75 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests
+KERNEL_TESTS=()
+for t in tests/test_attention.py tests/test_layer_norm.py tests/test_bias_gelu.py; do
+    [[ -f $t ]] && KERNEL_TESTS+=("$t")
+done
+if ((${#KERNEL_TESTS[@]})); then
+    run_step pytest_kernels 75 "$PYTHON" -m pytest -q -p no:cacheprovider "${KERNEL_TESTS[@]}"
+fi
+# The benchmarks stop starting new cases at --budget-s and write what they have; the timeout is the backstop.
+RESERVE_S=145
+run_step bench_kernels 125 "$PYTHON" -m bench kernels --quick --out "$OUT_DIR/bench" --budget-s 95
+RESERVE_S=100
+run_step bench_ops 45 "$PYTHON" -m bench ops --quick --out "$OUT_DIR/bench" --budget-s 30
+RESERVE_S=0
+run_step bench_model 100 "$PYTHON" -m bench model --quick --out "$OUT_DIR/bench" --budget-s 50
+
+echo "total seconds=$(($(date +%s) - START))" >>"$SUMMARY"
+# For a reader of the console tail: our rows in one line each, then the summary, last.
+"$PYTHON" - "$OUT_DIR/bench" <<'PY'
+import glob, json, sys
+for path in sorted(glob.glob(sys.argv[1] + "/*.json")):
+    doc = json.load(open(path))
+    print(f"--- {doc['suite']} on {doc['device']}: ceilings {doc.get('ceilings')}, complete {doc.get('complete')}")
+    for r in (r for r in doc["rows"] if r["provider"] == "ours"):
+        shape = ",".join(f"{k}={v}" for k, v in r["shape"].items() if k not in ("ragged", "family"))
+        head = f"{r['op']} {r['mode']} {r['shape'].get('family', '')} {shape} p={r['dropout_p']}"
+        if r["ms_p50"] is None:
+            print(f"{head}: {'WRONG ' + str(r['check']) if r['correct'] is False else r['skipped']}"[:300])
+            continue
+        speedups = " ".join(f"{k[11:]}={v:.2f}" for k, v in r.items()
+                            if k.startswith("speedup_vs_") and v is not None)
+        bw = f" {r['pct_of_copy_bw']:.0f}%BW" if r.get("pct_of_copy_bw") else ""
+        print(f"{head}: {r['ms_p50']:.4f} ms{bw} x[{speedups}]")
+PY
+echo
+cat "$SUMMARY"
+exit 0

@@ -1,0 +1,213 @@
+"""The benchmark harness (bench/) on the CPU: the CLI's quick mode writes valid outputs, GPU-only providers are
+reported skipped (never timed), a wrong provider is reported wrong and not timed, the byte/FLOP counting matches
+perf_floors.md, and the GPU suite script parses and dry-runs.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+# bench/ is a directory of the checkout, not an installed package: importable from the repository root only.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import common, kernels, ops  # noqa: E402
+from bench import model as bench_model  # noqa: E402
+GPU_ONLY = {"flex", "flash_attn", "xformers", "ours", "apex"}
+# The suites run real shapes for minutes on a GPU; these tests check the CPU quick mode (the GPU run is gpu_suite.sh).
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="tests the CPU quick mode; on a GPU run "
+                              "bench/gpu_suite.sh")
+
+
+def run_cli(*args, timeout=240):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def assert_valid_rows(doc: dict):
+    assert doc["device"] == "cpu" and doc["complete"] is True
+    for key in ("driver", "torch", "triton", "cuda", "date", "git_commit", "ceilings", "rows"):
+        assert key in doc
+    assert doc["rows"]
+    for row in doc["rows"]:
+        assert set(common.ROW_FIELDS) <= set(row)
+        assert row["mode"] in common.MODES + ("step",)
+        timed = row["ms_p50"] is not None
+        assert timed != bool(row["skipped"]), row  # a row is either timed or says why not
+        if timed:
+            assert row["correct"] is True
+            assert 0 < row["ms_p20"] <= row["ms_p50"] <= row["ms_p80"]
+        if row["provider"] in GPU_ONLY:  # no GPU here: never a number for them
+            assert not timed and row["skipped"], row
+        if row["provider"] == "ours":
+            assert "speedup_vs_reference" in row and "speedup_vs_" + ("torch" if row["op"] in
+                                                                      ("layer_norm", "bias_gelu") else "sdpa") in row
+
+
+@cpu_only
+def test_cli_kernels_quick_writes_json_markdown_and_plot(tmp_path):
+    run_cli("kernels", "--quick", "--out", str(tmp_path), "--providers", "sdpa,sdpa_efficient,flex,flash_attn,ours")
+    doc = json.loads((tmp_path / "kernels.json").read_text())
+    assert_valid_rows(doc)
+    rows = doc["rows"]
+    providers = {r["provider"] for r in rows}
+    assert providers == {"reference", "sdpa", "sdpa_efficient", "flex", "flash_attn", "ours"}
+    assert {r["op"] for r in rows} == {"attention", "co_attention"}
+    assert {r["dropout_p"] for r in rows} == {0.0, 0.1}
+    assert any(r["provider"] == "reference" and r["ms_p50"] for r in rows)
+    assert all("GPU" in r["skipped"] for r in rows if r["provider"] in ("flash_attn", "ours"))
+    md = (tmp_path / "kernels.md").read_text()
+    assert "| co_attention | fwd+bwd |" in md and "| ours |" in md
+    assert (tmp_path / "kernels.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class WrongAttention(kernels.Reference):
+    """The reference with the keys and values swapped: a plausible-looking, wrong result."""
+    name = "wrong"
+
+    def attention(self, q, k, v, q_lens, kv_lens, dropout_p):
+        return super().attention(q, v, k, q_lens, kv_lens, dropout_p)
+
+    def co_attention(self, t, metas, dropout_p):
+        return kernels.Provider.co_attention(self, t, metas, dropout_p)
+
+
+@cpu_only
+def test_wrong_provider_is_reported_wrong_and_not_timed(tmp_path):
+    results = common.Results("kernels", tmp_path, {"device": "cpu"}, {})
+    options = common.Options(quick=True, providers=["wrong"], extra_providers=[WrongAttention()])
+    kernels.run(results, options, common.Budget(None), {})
+    wrong = [r for r in results.rows if r["provider"] == "wrong"]
+    assert wrong and all(r["correct"] is False and r["ms_p50"] is None and "not timed" in r["skipped"]
+                         for r in wrong)
+    assert all("rel err" in r["check"] for r in wrong)
+    reference = [r for r in results.rows if r["provider"] == "reference"]
+    assert reference and all(r["correct"] is True and r["ms_p50"] > 0 for r in reference)
+
+
+class PackedReference(kernels.Provider):
+    """The reference behind the packed (total_tokens, H, D) layout that flash_attn and xformers take."""
+    name = "packed"
+    packed = True
+
+    def stream_meta(self, lens, length, batch, device):
+        lens = torch.full((batch,), length) if lens is None else lens
+        return torch.arange(length)[None, :] < lens[:, None]  # (B, L) valid positions
+
+    def attention(self, q, k, v, q_valid, kv_valid, dropout_p):
+        from vilbert_kernels import reference
+        q, k, v = kernels.unpack(q, q_valid), kernels.unpack(k, kv_valid), kernels.unpack(v, kv_valid)
+        out = reference.attention(q, k, v, q_valid.sum(1), kv_valid.sum(1), dropout_p)
+        return kernels.pack(out, q_valid)
+
+
+@cpu_only
+def test_packed_layout_provider_is_checked_and_timed(tmp_path):
+    results = common.Results("kernels", tmp_path, {"device": "cpu"}, {})
+    options = common.Options(quick=True, providers=["packed"], extra_providers=[PackedReference()])
+    kernels.run(results, options, common.Budget(None), {})
+    packed = [r for r in results.rows if r["provider"] == "packed"]
+    assert packed and all(r["correct"] is True and r["ms_p50"] > 0 for r in packed), packed
+
+
+@cpu_only
+def test_budget_reports_remaining_cases_skipped(tmp_path):
+    results = common.Results("kernels", tmp_path, {"device": "cpu"}, {})
+    kernels.run(results, common.Options(quick=True, providers=["reference"]), common.Budget(-1.0), {})
+    assert results.rows and all(r["ms_p50"] is None and "budget" in r["skipped"] for r in results.rows)
+
+
+@cpu_only
+def test_ops_quick(tmp_path):
+    results = common.Results("ops", tmp_path, {"device": "cpu"}, {})
+    ops.run(results, common.Options(quick=True), common.Budget(None), {})
+    rows = results.rows
+    assert {r["op"] for r in rows} == {"layer_norm", "bias_gelu"}
+    assert all(r["correct"] and r["ms_p50"] > 0 for r in rows if r["provider"] in ("reference", "torch"))
+    assert all(r["skipped"] for r in rows if r["provider"] in GPU_ONLY | {"reference_compiled"})
+
+
+@cpu_only
+@pytest.mark.skipif(importlib.util.find_spec("vilbert.model") is None, reason="vilbert.model not written yet")
+def test_model_quick(tmp_path):
+    results = common.Results("model", tmp_path, {"device": "cpu"}, {})
+    bench_model.run(results, common.Options(quick=True, providers=["reference"]), common.Budget(None), {})
+    (row,) = [r for r in results.rows if r["provider"] == "reference"]
+    if row["skipped"]:
+        pytest.skip(f"the model does not run yet: {row['skipped']}")
+    assert row["correct"] and row["ms_p50"] > 0 and row["samples_per_s"] > 0 and row["model_tflop_per_step"] > 0
+    assert row["shape"]["B"] == row["batch_size"]
+
+
+def test_counting_matches_perf_floors():
+    # perf_floors.md: co-attention pretraining B=256 T=36 V=37 8x128 bf16: 154 MB forward, 307 MB backward, 2.8 GFLOP.
+    case = kernels.Case("co_attention", "pretraining", 256, 8, 128, 36, 37, True, 0.1)
+    assert kernels.min_bytes(case, "fwd", 2) / 1e6 == pytest.approx(154, rel=0.01)
+    assert kernels.min_bytes(case, "bwd", 2) / 1e6 == pytest.approx(307, rel=0.01)
+    assert kernels.flops(case, "fwd") / 1e9 == pytest.approx(2.8, rel=0.02)
+    assert kernels.flops(case, "fwd+bwd") == 3.5 * kernels.flops(case, "fwd")
+    # Text self-attention B=256 L=36 12x64: forward 4 sets of 14.2 MB (57 MB) + LSE.
+    text = kernels.Case("attention", "pretraining", 256, 12, 64, 36, 36, True, 0.0)
+    assert kernels.min_bytes(text, "fwd", 2) / 1e6 == pytest.approx(57, rel=0.02)
+
+
+def test_model_flops_match_perf_floors():
+    vilbert = pytest.importorskip("vilbert")
+    config = vilbert.ViLBERTConfig.preset("vilbert-base")
+    # ~47 GFLOP per sample for forward + backward with ~5 masked tokens
+    assert bench_model.model_flops_per_sample(config, 36, 37, 5) / 1e9 == pytest.approx(47, rel=0.03)
+
+
+def test_make_inputs_ragged_lengths_and_masked_cotangents():
+    case = kernels.Case("co_attention", "pretraining", 64, 2, 16, 36, 37, True, 0.0)
+    inputs = kernels.make_inputs(case, torch.float32, torch.device("cpu"), seed=3)
+    text, image = inputs.lens["text"], inputs.lens["image"]
+    assert text.min() >= 2 and text.max() <= 36 and 0.45 < text.float().mean() / 36 < 0.75
+    assert image.min() >= 11 and image.max() <= 37
+    for dout, stream in zip(inputs.douts, inputs.out_streams):
+        assert (dout[~inputs.valid(stream)] == 0).all()
+    assert all(t.abs().sum() > 0 for t in inputs.tensors.values())  # never benchmark on zeros
+
+
+def test_add_speedups():
+    shape = {"B": 1}
+    rows = [common.make_row(op="a", mode="fwd", shape=shape, dtype="bf16", dropout_p=0.0, provider=p, ms_p50=t,
+                            correct=c) for p, t, c in (("reference", 3.0, True), ("sdpa", None, None),
+                                                      ("flash_attn", 1.0, True), ("broken", 0.5, False),
+                                                      ("ours", 1.5, True))]
+    common.add_speedups(rows)
+    ours = rows[-1]
+    assert ours["speedup_vs_reference"] == 2.0 and ours["speedup_vs_sdpa"] is None
+    assert ours["speedup_vs_flash_attn"] == pytest.approx(0.667, abs=1e-3)
+    assert "speedup_vs_broken" not in ours  # a wrong provider is no baseline
+
+
+@cpu_only
+def test_time_ms_cpu_never_zero():
+    p50, p20, p80 = common.time_ms(lambda: torch.randn(64, 64) @ torch.randn(64, 64), quick=True)
+    assert 0 < p20 <= p50 <= p80
+
+
+def test_gpu_suite_parses_and_dry_runs(tmp_path):
+    script = ROOT / "bench" / "gpu_suite.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    subprocess.run(["bash", "-n", str(ROOT / "bench" / "prepare_wheels.sh")], check=True)
+    proc = subprocess.run(["bash", str(script), str(tmp_path / "out"), "--dry-run"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    for step in ("install_project", "compile_check", "pytest_gpu", "bench_kernels", "bench_ops", "bench_model"):
+        assert f"{step} rc=0" in summary
+    log = (tmp_path / "out" / "logs" / "bench_kernels.log").read_text()
+    assert "-m bench kernels" in log and "--out" in log and "--budget-s" in log
+    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage" in usage.stderr
