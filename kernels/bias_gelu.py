@@ -3,6 +3,10 @@
 Elementwise, so rows are cut into column tiles (any C); the backward also reduces dbias over the rows, through
 per-program partial sums and one deterministic sum over the programs.
 
+Layers, top to bottom: Triton kernels -> launchers (`_launch_*`, on (N, C) rows) -> custom ops
+`vilbert_kernels::bias_gelu_fwd` / `bias_gelu_bwd` (fakes and autograd registered, so torch.compile traces
+`bias_gelu` without graph breaks) -> `bias_gelu`, which validates.
+
 Maths, per element (the names are the kernels' names):
 
     u     = x + bias
@@ -110,7 +114,7 @@ def _as_rows(t, C):
     return t.reshape(-1, C)  # (N, C)
 
 
-def _bias_gelu_fwd(x, bias):
+def _launch_bias_gelu_fwd(x, bias):
     """x: (N, C) rows. Returns y (N, C) in x's dtype."""
     N, C = x.shape
     y = torch.empty((N, C), dtype=x.dtype, device=x.device)
@@ -121,7 +125,7 @@ def _bias_gelu_fwd(x, bias):
     return y
 
 
-def _bias_gelu_bwd(dy, x, bias):
+def _launch_bias_gelu_bwd(dy, x, bias):
     """dy, x: (N, C) rows. Returns dx (N, C) in x's dtype, dbias (C,) fp32."""
     N, C = x.shape
     BLOCK_C, BLOCK_ROWS, num_warps = _launch_config(C)
@@ -135,23 +139,47 @@ def _bias_gelu_bwd(dy, x, bias):
     return dx, dbias_partial.sum(0)  # (C,); a 0-program sum gives zeros
 
 
-class BiasGeluFunction(torch.autograd.Function):
-    """Autograd for `bias_gelu`; inputs already validated, x already in the compute dtype."""
+# torch.compile sees the kernels through two custom ops with fakes (no graph break, no tracing into Triton).
+# torch.library.triton_op + wrap_triton would let Inductor see the kernels themselves, but under TRITON_INTERPRET=1
+# (the CPU tests) wrap_triton does not recognise the interpreter's kernels and torch.compile runs them on fake tensors,
+# so the ops are opaque custom_ops.
 
-    @staticmethod
-    def forward(ctx, x, bias):
-        C = x.shape[-1]
-        x_rows = _as_rows(x, C)  # (N, C)
-        y = _bias_gelu_fwd(x_rows, bias)
-        ctx.save_for_backward(x_rows, bias)
-        ctx.x_shape = x.shape
-        return y.view(x.shape)
 
-    @staticmethod
-    def backward(ctx, dy):
-        x_rows, bias = ctx.saved_tensors
-        dx, dbias = _bias_gelu_bwd(_as_rows(dy, x_rows.shape[1]), x_rows, bias)
-        return dx.view(ctx.x_shape), dbias.to(bias.dtype)
+@torch.library.custom_op("vilbert_kernels::bias_gelu_fwd", mutates_args=())
+def bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x: (..., C). Returns y (..., C) in x's dtype."""
+    return _launch_bias_gelu_fwd(_as_rows(x, x.shape[-1]), bias).view(x.shape)
+
+
+@bias_gelu_fwd.register_fake
+def _(x, bias):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("vilbert_kernels::bias_gelu_bwd", mutates_args=())
+def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """dy, x: (..., C). Returns dx (..., C) in x's dtype, dbias (C,) fp32."""
+    C = x.shape[-1]
+    dx, dbias = _launch_bias_gelu_bwd(_as_rows(dy, C), _as_rows(x, C), bias)
+    return dx.view(x.shape), dbias
+
+
+@bias_gelu_bwd.register_fake
+def _(dy, x, bias):
+    return x.new_empty(x.shape), x.new_empty((x.shape[-1],), dtype=torch.float32)
+
+
+def _bias_gelu_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)  # x, bias: u is recomputed
+
+
+def _bias_gelu_backward(ctx, dy):
+    x, bias = ctx.saved_tensors
+    dx, dbias = bias_gelu_bwd(dy, x, bias)
+    return dx, dbias.to(bias.dtype)
+
+
+bias_gelu_fwd.register_autograd(_bias_gelu_backward, setup_context=_bias_gelu_setup_context)
 
 
 def _autocast(x):
@@ -195,7 +223,7 @@ def bias_gelu(x, bias):
     """
     x = _autocast(x)
     _validate(x, bias)
-    return BiasGeluFunction.apply(x, bias)
+    return bias_gelu_fwd(x, bias)
 
 
 def sm90_specs():

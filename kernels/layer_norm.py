@@ -3,6 +3,10 @@
 One pass forward (each program normalises whole rows held in registers), one pass backward (dx, dresidual and
 per-program partial sums of dweight / dbias, then one deterministic sum over the programs).
 
+Layers, top to bottom: Triton kernels -> launchers (`_launch_*`, on (N, C) rows) -> custom ops
+`vilbert_kernels::layer_norm_fwd` / `layer_norm_bwd` (fakes and autograd registered, so torch.compile traces
+`layer_norm` without graph breaks) -> `layer_norm`, which validates and draws the dropout seed that both ops take.
+
 Maths, per row of C elements (the names are the kernels' names):
 
     keep  = rand(seed, index) >= dropout_p          Philox uniform on [0, 1), index = row * C + col; P(keep) = 1 - p
@@ -32,8 +36,10 @@ nothing from a fp32 output.)
 Layout legend: N rows (all leading dims flattened), C hidden size.
 """
 import functools
+import math
 import numbers
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -167,11 +173,6 @@ def _max_backward_programs(device):
     return 4  # the interpreter: a few programs still exercise the partial-sum reduction
 
 
-def _draw_seed():
-    """A Philox seed from torch's default CPU generator (torch.manual_seed reproduces it; no device sync)."""
-    return int(torch.randint(2**31, (1,)).item())
-
-
 def _as_rows(t, C):
     """(..., C) -> (N, C) with a unit column stride and any row stride; copies only when no such view exists."""
     if t.stride(-1) != 1:
@@ -179,10 +180,15 @@ def _as_rows(t, C):
     return t.reshape(-1, C)  # (N, C)
 
 
-def _layer_norm_fwd(x, weight, bias, eps, residual, dropout_p, seed):
+def _stores_z(residual, dropout_p):
+    """Whether the forward stores the pre-norm sum z (otherwise z is x)."""
+    return residual is not None or dropout_p > 0.0
+
+
+def _launch_layer_norm_fwd(x, weight, bias, eps, residual, dropout_p, seed):
     """x, residual: (N, C) rows. Returns y (N, C), z (N, C) (x itself when nothing is fused), mean, rstd (N,) fp32."""
     N, C = x.shape
-    store_z = residual is not None or dropout_p > 0.0
+    store_z = _stores_z(residual, dropout_p)
     y = torch.empty((N, C), dtype=x.dtype, device=x.device)
     z = torch.empty((N, C), dtype=x.dtype, device=x.device) if store_z else x
     mean = torch.empty((N,), dtype=torch.float32, device=x.device)
@@ -198,7 +204,7 @@ def _layer_norm_fwd(x, weight, bias, eps, residual, dropout_p, seed):
     return y, z, mean, rstd
 
 
-def _layer_norm_bwd(dy, z, weight, mean, rstd, has_residual, dropout_p, seed):
+def _launch_layer_norm_bwd(dy, z, weight, mean, rstd, has_residual, dropout_p, seed):
     """dy, z: (N, C) rows. Returns dx (N, C), dresidual (N, C) or None, dweight / dbias (C,) fp32."""
     N, C = z.shape
     BLOCK_C, BLOCK_ROWS, num_warps = _launch_config(C)
@@ -218,36 +224,84 @@ def _layer_norm_bwd(dy, z, weight, mean, rstd, has_residual, dropout_p, seed):
 
 
 def _dropout_keep_mask(n_rows, C, dropout_p, seed, device):
-    """The (n_rows, C) bool keep mask the kernels draw for (dropout_p, seed), for tests (the op never stores it):
-    the forward kernel itself, run on ones, stores z = keep / (1 - dropout_p)."""
+    """The (n_rows, C) bool keep mask the kernels draw for (dropout_p, seed) (seed: a `_draw_seed` tensor), for tests
+    (the op never stores it): the forward kernel itself, run on ones, stores z = keep / (1 - dropout_p)."""
     ones = torch.ones((n_rows, C), dtype=torch.float32, device=device)
-    _, z, _, _ = _layer_norm_fwd(ones, ones[0], ones[0], 1.0, None, dropout_p, seed)
+    _, z, _, _ = _launch_layer_norm_fwd(ones, ones[0], ones[0], 1.0, None, dropout_p, int(seed))
     return z != 0
 
 
-class LayerNormFunction(torch.autograd.Function):
-    """Autograd for `layer_norm`; inputs already validated, x / residual already in the compute dtype."""
+# torch.compile sees the kernels through two custom ops with fakes (no graph break, no tracing into Triton).
+# torch.library.triton_op + wrap_triton would let Inductor see the kernels themselves, but under TRITON_INTERPRET=1
+# (the CPU tests) wrap_triton does not recognise the interpreter's kernels and torch.compile runs them on fake tensors,
+# so the ops are opaque custom_ops. The dropout seed is an op input (a CPU tensor drawn outside the op), so each op is a
+# pure function of its inputs and the backward regenerates the forward's mask from the same seed.
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps, residual, dropout_p):
-        C = x.shape[-1]
-        x_rows = _as_rows(x, C)  # (N, C)
-        residual_rows = None if residual is None else _as_rows(residual, C)  # (N, C)
-        seed = _draw_seed() if dropout_p > 0.0 else 0
-        y, z, mean, rstd = _layer_norm_fwd(x_rows, weight, bias, eps, residual_rows, dropout_p, seed)
-        ctx.save_for_backward(z, weight, mean, rstd)
-        ctx.x_shape, ctx.bias_dtype = x.shape, bias.dtype
-        ctx.has_residual, ctx.dropout_p, ctx.seed = residual is not None, dropout_p, seed
-        return y.view(x.shape)
 
-    @staticmethod
-    def backward(ctx, dy):
-        z, weight, mean, rstd = ctx.saved_tensors
-        dy_rows = _as_rows(dy, z.shape[1])  # (N, C)
-        dx, dresidual, dweight, dbias = _layer_norm_bwd(dy_rows, z, weight, mean, rstd, ctx.has_residual,
-                                                        ctx.dropout_p, ctx.seed)
-        return (dx.view(ctx.x_shape), dweight.to(weight.dtype), dbias.to(ctx.bias_dtype), None,
-                None if dresidual is None else dresidual.view(ctx.x_shape), None)
+def _draw_seed(dropout_p):
+    """The Philox seed, a CPU int64 tensor (1,) from torch's default CPU generator (torch.manual_seed reproduces it; no
+    device sync); zero without dropout (no draw)."""
+    if dropout_p > 0.0:
+        return torch.randint(2**31, (1,), dtype=torch.int64)
+    return torch.zeros(1, dtype=torch.int64)
+
+
+@torch.library.custom_op("vilbert_kernels::layer_norm_fwd", mutates_args=())
+def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                   residual: Optional[torch.Tensor], dropout_p: float,
+                   seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, residual: (..., C); seed: CPU int64 (1,). Returns y (..., C); z (..., C), or (0,) when nothing is fused (the
+    backward then reads x: an op output may not alias an input); mean, rstd (N,) fp32."""
+    C = x.shape[-1]
+    residual_rows = None if residual is None else _as_rows(residual, C)  # (N, C)
+    y, z, mean, rstd = _launch_layer_norm_fwd(_as_rows(x, C), weight, bias, eps, residual_rows, dropout_p, int(seed))
+    z = z.view(x.shape) if _stores_z(residual, dropout_p) else x.new_empty((0,))
+    return y.view(x.shape), z, mean, rstd
+
+
+@layer_norm_fwd.register_fake
+def _(x, weight, bias, eps, residual, dropout_p, seed):
+    n_rows = math.prod(x.shape[:-1])
+    return (x.new_empty(x.shape), x.new_empty(x.shape if _stores_z(residual, dropout_p) else (0,)),
+            x.new_empty((n_rows,), dtype=torch.float32), x.new_empty((n_rows,), dtype=torch.float32))
+
+
+@torch.library.custom_op("vilbert_kernels::layer_norm_bwd", mutates_args=())
+def layer_norm_bwd(dy: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                   has_residual: bool, dropout_p: float,
+                   seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dy, z: (..., C) (z: the saved pre-norm sum, or x). Returns dx (..., C); dresidual (..., C), or (0,) without a
+    residual; dweight, dbias (C,) fp32."""
+    C = z.shape[-1]
+    dx, dresidual, dweight, dbias = _launch_layer_norm_bwd(_as_rows(dy, C), _as_rows(z, C), weight, mean, rstd,
+                                                           has_residual, dropout_p, int(seed))
+    dresidual = dresidual.view(z.shape) if has_residual else z.new_empty((0,))
+    return dx.view(z.shape), dresidual, dweight, dbias
+
+
+@layer_norm_bwd.register_fake
+def _(dy, z, weight, mean, rstd, has_residual, dropout_p, seed):
+    C = z.shape[-1]
+    return (z.new_empty(z.shape), z.new_empty(z.shape if has_residual else (0,)),
+            z.new_empty((C,), dtype=torch.float32), z.new_empty((C,), dtype=torch.float32))
+
+
+def _layer_norm_setup_context(ctx, inputs, output):
+    x, weight, bias, eps, residual, dropout_p, seed = inputs
+    y, z, mean, rstd = output
+    ctx.mark_non_differentiable(z, mean, rstd)
+    ctx.save_for_backward(z if _stores_z(residual, dropout_p) else x, weight, mean, rstd, seed)
+    ctx.has_residual, ctx.dropout_p, ctx.bias_dtype = residual is not None, dropout_p, bias.dtype
+
+
+def _layer_norm_backward(ctx, dy, *_):  # z, mean and rstd are non-differentiable outputs
+    z, weight, mean, rstd, seed = ctx.saved_tensors
+    dx, dresidual, dweight, dbias = layer_norm_bwd(dy, z, weight, mean, rstd, ctx.has_residual, ctx.dropout_p, seed)
+    return (dx, dweight.to(weight.dtype), dbias.to(ctx.bias_dtype), None,
+            dresidual if ctx.has_residual else None, None, None)
+
+
+layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup_context)
 
 
 def _autocast(x, residual):
@@ -313,7 +367,9 @@ def layer_norm(x, weight, bias, eps=1e-12, residual=None, dropout_p=0.0):
     """
     x, residual = _autocast(x, residual)
     _validate(x, weight, bias, eps, residual, dropout_p)
-    return LayerNormFunction.apply(x, weight, bias, float(eps), residual, float(dropout_p))
+    dropout_p = float(dropout_p)
+    y, _, _, _ = layer_norm_fwd(x, weight, bias, float(eps), residual, dropout_p, _draw_seed(dropout_p))
+    return y
 
 
 def sm90_specs():

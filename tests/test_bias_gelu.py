@@ -10,8 +10,10 @@ import sys
 import pytest
 import torch
 
+from torch._dynamo.testing import CompileCounterWithBackend
+
 from vilbert_kernels import bias_gelu, reference
-from vilbert_kernels.bias_gelu import _as_rows
+from vilbert_kernels.bias_gelu import _as_rows, bias_gelu_bwd, bias_gelu_fwd
 
 NAMES = ("y", "dx", "dbias")
 
@@ -125,6 +127,33 @@ def test_autocast_runs_in_autocast_dtype(seed, device):
     assert x.grad.dtype == torch.float32 and bias.grad.dtype == torch.float32
     expected = reference.bias_gelu(x.detach().double(), bias.detach().double())
     assert (y.double() - expected).abs().max() <= 4 * torch.finfo(low).eps * (1 + expected.abs().max())
+
+
+def test_opcheck(seed, device):
+    """The custom ops' registration: schema and mutation info, fakes (shape, dtype and strides of every output),
+    autograd registration and AOT dispatch with dynamic shapes, on a strided x."""
+    C = 24
+    x = (3 * torch.randn(2, 3, C + 5, device=device))[..., :C].requires_grad_()  # row stride C + 5
+    bias = torch.randn(C, device=device, requires_grad=True)
+    torch.library.opcheck(bias_gelu_fwd, (x, bias))
+    # The backward op has no autograd formula (no double backward): its inputs do not require grad, so
+    # test_autograd_registration has nothing to check.
+    torch.library.opcheck(bias_gelu_bwd, (torch.randn(2, 3, C, device=device), x.detach(), bias.detach()),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_compiles_without_graph_breaks(seed, device):
+    """bias_gelu compiled as one graph (fullgraph=True) gives eager's output and gradients."""
+    x, dy = 3 * torch.randn(2, 5, 32, device=device), torch.randn(2, 5, 32, device=device)
+    bias = torch.randn(32, device=device)
+    backend = CompileCounterWithBackend("aot_eager")
+    compiled = run(torch.compile(bias_gelu, fullgraph=True, backend=backend), torch.float32, x, bias, dy)
+    eager = run(bias_gelu, torch.float32, x, bias, dy)
+    assert backend.frame_count == 1
+    targets = {node.target for graph in backend.graphs for node in graph.graph.nodes}
+    assert torch.ops.vilbert_kernels.bias_gelu_fwd.default in targets
+    for name, c, e in zip(NAMES, compiled, eager):
+        assert torch.equal(c, e), f"{name}: compiled differs from eager"
 
 
 BAD_INPUTS = [

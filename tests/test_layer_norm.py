@@ -11,8 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vilbert_kernels import layer_norm, reference
-from vilbert_kernels.layer_norm import _as_rows, _draw_seed, _dropout_keep_mask
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from vilbert_kernels import bias_gelu, layer_norm, reference
+from vilbert_kernels.layer_norm import _as_rows, _draw_seed, _dropout_keep_mask, layer_norm_bwd, layer_norm_fwd
 
 GRAD_NAMES = ("dx", "dweight", "dbias", "dresidual")
 
@@ -51,10 +53,10 @@ def run(op, dtype, x, weight, bias, residual, dy, **kwargs):
     return [y.detach()] + [t.grad for t in leaves]
 
 
-def peek_op_seed():
-    """The Philox seed the next layer_norm call with dropout will draw, leaving the generator untouched."""
+def peek_op_seed(dropout_p):
+    """The Philox seed the next layer_norm call with dropout_p will draw, leaving the generator untouched."""
     state = torch.get_rng_state()
-    op_seed = _draw_seed()
+    op_seed = _draw_seed(dropout_p)
     torch.set_rng_state(state)
     return op_seed
 
@@ -64,7 +66,7 @@ def check_against_references(x, weight, bias, residual, dy, dropout_p, eps=1e-12
     rows, C = x.reshape(-1, x.shape[-1]).shape
     keep = None
     if dropout_p > 0.0:
-        keep = _dropout_keep_mask(rows, C, dropout_p, peek_op_seed(), x.device).reshape(x.shape)
+        keep = _dropout_keep_mask(rows, C, dropout_p, peek_op_seed(dropout_p), x.device).reshape(x.shape)
     got = run(layer_norm, dtype, x, weight, bias, residual, dy, eps=eps, dropout_p=dropout_p)
     expected = run(reference_f64, torch.float64, x, weight, bias, residual, dy, eps=eps, keep=keep,
                    dropout_p=dropout_p)
@@ -165,7 +167,7 @@ def test_dropout_reproducible_under_manual_seed_and_fresh_per_call(device):
 @pytest.mark.parametrize("dropout_p", [0.1, 0.5, 0.9])
 def test_dropout_keep_rate(dropout_p, seed, device):
     rows, C = 16, 1000
-    keep = _dropout_keep_mask(rows, C, dropout_p, _draw_seed(), device)
+    keep = _dropout_keep_mask(rows, C, dropout_p, _draw_seed(dropout_p), device)
     n = rows * C
     sigma = (dropout_p * (1 - dropout_p) / n) ** 0.5
     assert abs(keep.float().mean().item() - (1 - dropout_p)) < 5 * sigma
@@ -208,6 +210,64 @@ def test_autocast_runs_in_autocast_dtype(seed, device):
     assert x.grad.dtype == low and residual.grad.dtype == torch.float32
     expected = reference_f64(x.detach().double(), weight.double(), bias.double(), residual=residual.detach().double())
     assert (y.double() - expected).abs().max() < 0.1  # a few units of bf16 / fp16 rounding at |y| ~ 3
+
+
+@pytest.mark.parametrize("fusion", ["plain", "residual+dropout"])
+def test_opcheck(fusion, seed, device):
+    """The custom ops' registration: schema and mutation info, fakes (every output's shape, dtype and strides, the
+    statistics included), autograd registration and AOT dispatch with dynamic shapes, on a strided x."""
+    C, dropout_p = 24, 0.3 if "dropout" in fusion else 0.0
+    x = torch.randn(2, 3, C + 5, device=device)[..., :C].requires_grad_()  # row stride C + 5
+    weight, bias = (torch.randn(C, device=device, requires_grad=True) for _ in range(2))
+    residual = torch.randn(2, 3, C, device=device, requires_grad=True) if "residual" in fusion else None
+    op_seed = _draw_seed(dropout_p)
+    torch.library.opcheck(layer_norm_fwd, (x, weight, bias, 1e-5, residual, dropout_p, op_seed))
+
+    with torch.no_grad():
+        y, z, mean, rstd = layer_norm_fwd(x, weight, bias, 1e-5, residual, dropout_p, op_seed)
+    saved = z if residual is not None else x.detach()  # what setup_context saves
+    # The backward op has no autograd formula (no double backward): its inputs do not require grad, so
+    # test_autograd_registration has nothing to check.
+    torch.library.opcheck(layer_norm_bwd, (torch.randn(2, 3, C, device=device), saved, weight.detach(), mean, rstd,
+                                           residual is not None, dropout_p, op_seed),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_compiles_without_graph_breaks(seed, device):
+    """A BERT output block then an FFN activation, compiled as one graph (fullgraph=True): the same output and
+    gradients as eager under the same torch.manual_seed, so the seed travels from forward to backward in the graph."""
+    C = 32
+    x, residual = (torch.randn(2, 5, C, device=device, requires_grad=True) for _ in range(2))
+    weight, bias, ffn_bias = (torch.randn(C, device=device, requires_grad=True) for _ in range(3))
+    dy = torch.randn(2, 5, C, device=device)
+
+    def block(x, weight, bias, residual, ffn_bias):
+        return bias_gelu(layer_norm(x, weight, bias, 1e-12, residual, 0.25), ffn_bias)
+
+    def run_block(fn):
+        torch.manual_seed(seed)
+        leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias, residual, ffn_bias)]
+        y = fn(*leaves)
+        y.backward(dy)
+        return [y.detach()] + [t.grad for t in leaves]
+
+    backend = CompileCounterWithBackend("aot_eager")
+    compiled = run_block(torch.compile(block, fullgraph=True, backend=backend))
+    eager = run_block(block)
+    assert backend.frame_count == 1
+    targets = {node.target for graph in backend.graphs for node in graph.graph.nodes}
+    ops = torch.ops.vilbert_kernels
+    assert {ops.layer_norm_fwd.default, ops.bias_gelu_fwd.default} <= targets
+    for name, c, e in zip(("y", "dx", "dweight", "dbias", "dresidual", "dffn_bias"), compiled, eager):
+        assert torch.equal(c, e), f"{name}: compiled differs from eager"
+    # Forward and backward used the mask of the seed the forward drew (equal to eager alone cannot show it).
+    torch.manual_seed(seed)
+    keep = _dropout_keep_mask(10, C, 0.25, _draw_seed(0.25), device).reshape(x.shape)
+    with torch.no_grad():
+        expected = reference.bias_gelu(reference_f64(x.double(), weight.double(), bias.double(), 1e-12,
+                                                     residual.double(), keep, 0.25), ffn_bias.double())
+    assert (compiled[0].double() - expected).abs().max() < 1e-4
+    assert torch.equal(compiled[1] != 0, keep)
 
 
 BAD_INPUTS = [
