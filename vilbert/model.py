@@ -279,7 +279,9 @@ def _with_backend(config: ViLBERTConfig, backend: Optional[str]) -> ViLBERTConfi
     """The model's own copy of the config, with `backend` (when given) replacing config.backend."""
     if not isinstance(config, ViLBERTConfig):
         raise TypeError(f"config must be a ViLBERTConfig, got {type(config).__name__}")
-    return dataclasses.replace(config, backend=config.backend if backend is None else backend)
+    config = dataclasses.replace(config, backend=config.backend if backend is None else backend)
+    ops.get(config.backend)  # load the backend now: a first import inside forward would break torch.compile's graph
+    return config
 
 
 def _check_inputs(config, input_ids, image_features, image_locations, token_type_ids, text_lens, image_lens):

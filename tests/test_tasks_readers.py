@@ -1,0 +1,187 @@
+"""Downstream data readers on small files in the real layouts (vilbert/tasks/{common,vqa,retrieval,referring}.py)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vilbert.data import load_tokenizer
+from vilbert.data.stores import StoreWriter, open_store
+from vilbert.tasks.common import TaskCollator, encode_regions
+from vilbert.tasks.referring import ReferringDataset, load_refs, referring_hits
+from vilbert.tasks.retrieval import (NUM_CHOICES, RetrievalTrainDataset, load_captions, retrieval_eval_set,
+                                     score_all_pairs)
+from vilbert.tasks.vqa import AnswerVocab, VQADataset, load_vqa
+
+W, H = 100, 50
+BOXES = np.array([[0, 0, 50, 50], [50, 0, 100, 50], [10, 10, 30, 30], [0, 0, 100, 25]], dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Three images ("1", "2", "3") with 4, 3 and 2 regions; image k's features are all k + region index / 4."""
+    path = tmp_path_factory.mktemp("store") / "features.lmdb"
+    with StoreWriter(path) as writer:
+        for k, num_boxes in ((1, 4), (2, 3), (3, 2)):
+            features = k + np.arange(num_boxes, dtype=np.float32)[:, None] / 4 + np.zeros((1, 2048), np.float32)
+            writer.add({"image_id": str(k), "image_w": W, "image_h": H, "features": features,
+                        "boxes": BOXES[:num_boxes]})
+    return open_store(path)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+def test_encode_regions_img_token_and_locations(store):
+    out = encode_regions(store[0], max_regions=2)  # keeps 2 of the 4 regions, IMG token on top
+    assert out["image_lens"].item() == 3
+    assert out["image_features"][0, 0].item() == (1.0 + 1.25) / 2  # IMG = mean of the kept regions
+    assert out["image_locations"].tolist() == [
+        [0, 0, 1, 1, 1],
+        [0, 0, 0.5, 1, 0.5],
+        [0.5, 0, 1, 1, 0.5],
+    ]
+    assert out["region_boxes"][0].tolist() == [0, 0, W, H]
+
+
+def write_vqa(tmp_path):
+    questions = {"questions": [
+        {"question_id": 10, "image_id": 1, "question": "What is this?"},
+        {"question_id": 11, "image_id": 2, "question": "Is it red?"},
+        {"question_id": 12, "image_id": 3, "question": "How many?"},
+    ]}
+    annotations = {"annotations": [
+        {"question_id": 10, "image_id": 1, "answers": [{"answer": a} for a in ["dog"] * 7 + ["cat"] * 3]},
+        {"question_id": 11, "image_id": 2, "answers": [{"answer": a} for a in ["yes"] * 9 + ["no"]]},
+        {"question_id": 12, "image_id": 3, "answers": [{"answer": a} for a in ["two"] * 6 + ["3"] * 4]},
+    ]}
+    q, a = tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json", tmp_path / "v2_mscoco_val2014_annotations.json"
+    q.write_text(json.dumps(questions))
+    a.write_text(json.dumps(annotations))
+    return str(q), str(a)
+
+
+def test_vqa_reader_vocab_and_targets(tmp_path, store, tokenizer):
+    q, a = write_vqa(tmp_path)
+    examples = load_vqa(q, a)
+    assert [ex.question_id for ex in examples] == [10, 11, 12]
+    assert examples[0].answers == ["dog"] * 7 + ["cat"] * 3
+    # Consensus answers dog, yes, 2 ("two" normalized) once each: ties broken alphabetically; "cat" is no consensus.
+    vocab = AnswerVocab.build(examples, size=2)
+    assert vocab.answers == ["2", "dog"]
+    vocab.save(tmp_path / "answers.json")
+    assert AnswerVocab.load(tmp_path / "answers.json").answers == ["2", "dog"]
+
+    dataset = VQADataset(examples, store, tokenizer, vocab, max_text_len=8, max_regions=100)
+    sample = dataset[2]
+    assert sample["answer_scores"].tolist() == pytest.approx([1.0, 0.0])  # "two" x6 -> "2": 1.0
+    assert dataset[0]["answer_scores"].tolist() == pytest.approx([0.0, 1.0])
+    assert sample["image_lens"].item() == 3 and sample["question_id"].item() == 12
+    batch = TaskCollator()([dataset[i] for i in range(3)])
+    assert batch["image_features"].shape == (3, 5, 2048)
+    assert batch["image_features"][2, 3:].abs().sum() == 0  # padding at the end
+    assert batch["answer_scores"].shape == (3, 2)
+    assert batch["input_ids"].shape[1] == batch["text_lens"].max()
+
+
+def test_vqa_reader_errors(tmp_path, store, tokenizer):
+    q, a = write_vqa(tmp_path)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([1, 2]))
+    with pytest.raises(ValueError, match="'questions'"):
+        load_vqa(str(bad))
+    examples = load_vqa(q)  # test split: no answers
+    assert examples[1].answers == []
+    examples[0].image_id = 99
+    with pytest.raises(ValueError, match="not in the feature store"):
+        VQADataset(examples, store, tokenizer, AnswerVocab(["yes"]))
+
+
+def test_retrieval_caption_readers(tmp_path):
+    lines = tmp_path / "train.jsonl"
+    lines.write_text('{"image_id": 1, "caption": "a dog"}\n\n{"image_id": "2", "sentences": ["a cat", "the cat"]}\n')
+    assert load_captions(str(lines)) == [(1, "a dog"), (2, "a cat"), (2, "the cat")]
+    obj = tmp_path / "captions.json"
+    obj.write_text(json.dumps({"1": ["a dog", "one dog"], "3": "a bird"}))
+    pairs = load_captions(str(obj))
+    assert pairs == [(1, "a dog"), (1, "one dog"), (3, "a bird")]
+    image_ids, captions, caption_image = retrieval_eval_set(pairs)
+    assert image_ids == [1, 3] and caption_image.tolist() == [0, 0, 1]
+    obj.write_text(json.dumps(["a dog"]))
+    with pytest.raises(ValueError, match="JSON object"):
+        load_captions(str(obj))
+
+
+def test_retrieval_multiple_choice(store, tokenizer):
+    pairs = [(1, "a dog"), (2, "a cat"), (3, "a bird"), (1, "one dog")]
+    dataset = RetrievalTrainDataset(pairs, store, tokenizer, seed=3, hard_negatives={1: [3, 99]}, max_text_len=8)
+    choices = dataset[0]
+    assert len(choices) == NUM_CHOICES
+    first_feature = [int(c["image_features"][1, 0].item()) for c in choices]  # which image each choice shows
+    assert first_feature[0] == 1 and first_feature[1] == 1  # positive; same image with another image's caption
+    assert first_feature[2] in (2, 3) and first_feature[3] == 3  # a random other image; the hard negative
+    assert torch.equal(choices[0]["input_ids"], choices[2]["input_ids"])
+    assert not torch.equal(choices[0]["input_ids"], choices[1]["input_ids"])
+    again = dataset[0]
+    # Seeded by (seed, epoch, i): the same item again is the same choices.
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(choices, again))
+    batch = TaskCollator()([dataset[0], dataset[1]])
+    assert batch["input_ids"].shape[0] == 2 * NUM_CHOICES
+
+
+def test_score_all_pairs_matches_per_pair_scores(store, tokenizer):
+    def score_fn(batch):  # a stand-in scorer that depends on both the text and the image
+        return batch["image_features"][:, 1, 0] * batch["input_ids"].sum(1) + batch["image_lens"]
+
+    captions = ["a dog", "a small cat", "bird"]
+    scores = score_all_pairs(score_fn, store, tokenizer, [1, 2, 3], captions, image_chunk=2, max_text_len=8)
+    for i, image_id in enumerate([1, 2, 3]):
+        for c, caption in enumerate(captions):
+            ids = torch.tensor(tokenizer.encode(caption, max_len=8))
+            assert scores[i, c].item() == pytest.approx(image_id * ids.sum().item() + (5 - i))
+
+
+def write_refs(tmp_path):
+    refs = [
+        # bbox [x, y, w, h] = region 2's box (10, 10, 30, 30) exactly
+        {"ref_id": 7, "image_id": 1, "sentences": [{"sent": "the small square"}, "middle thing"],
+         "bbox": [10, 10, 20, 20]},
+        # (0, 0, 50, 40): IoU 0.8 with region 0 (0, 0, 50, 50), 0.2 with region 2
+        {"ref_id": 8, "image_id": 2, "sentences": ["left half"], "bbox": [0, 0, 50, 40]},
+    ]
+    path = tmp_path / "refs.json"
+    path.write_text(json.dumps(refs))
+    return str(path)
+
+
+def test_referring_reader_and_targets(tmp_path, store, tokenizer):
+    examples = load_refs(write_refs(tmp_path))
+    assert [(ex.ref_id, ex.sentence) for ex in examples] == [(7, "the small square"), (7, "middle thing"),
+                                                             (8, "left half")]
+    assert examples[0].gt_box == [10, 10, 30, 30]
+    dataset = ReferringDataset(examples, store, tokenizer, max_text_len=8)
+    sample = dataset[0]
+    assert sample["region_scores"].tolist() == [0, 0, 0, 1, 0]  # IMG token, then regions 0..3
+    assert sample["region_iou"][3].item() == pytest.approx(1.0)
+    sample = dataset[2]  # image 2 has 3 regions: 0 (IoU 0.8), 1 (0), 2 ((20*20)/2000 = 0.2)
+    assert sample["region_iou"].tolist() == pytest.approx([0, 0.8, 0.0, 0.2])
+    assert sample["region_scores"].tolist() == [0, 1, 0, 0]
+
+    batch = TaskCollator()([dataset[0], dataset[2]])
+    logits = torch.tensor([[9.0, 0.0, 0.0, 1.0, 0.0],  # IMG token scored highest: ignored, region 2 picked: hit
+                           [0.0, 0.0, 0.0, 0.0, 9.0]])  # padding scored highest: ignored; a tie, picks region 0: hit
+    assert referring_hits(logits, batch).tolist() == [1.0, 1.0]
+    logits[1, 3] = 5.0  # region 2 (IoU 0.2): miss
+    assert referring_hits(logits, batch).tolist() == [1.0, 0.0]
+
+
+def test_referring_reader_errors(tmp_path):
+    path = tmp_path / "refs.jsonl"
+    path.write_text('{"ref_id": 1, "image_id": 1, "sentences": ["x"]}\n')
+    with pytest.raises(ValueError, match="bbox"):
+        load_refs(str(path))
+    path.write_text('{"ref_id": 1, "image_id": 1, "sentences": ["x"], "bbox": [5, 5, 1, -2]}\n')
+    with pytest.raises(ValueError, match="negative width or height"):
+        load_refs(str(path))

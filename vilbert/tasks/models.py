@@ -1,0 +1,135 @@
+"""Building a task model from what a user has: nothing (from scratch), a pretrained checkpoint, or a fine-tuned one.
+
+`load_task_model(task, init, ...)` accepts for `init`:
+  - None: a fresh model of `config` (random weights);
+  - a directory from `save_pretrained` of ViLBERTForPretraining (ours): the encoder (`bert.*`) is loaded, the task head
+    starts random;
+  - a directory from `save_pretrained` of the task model itself (a fine-tuned checkpoint): loaded whole;
+  - an official ViLBERT checkpoint (pytorch_model*.bin, a file or its directory) with `config` giving its config:
+    the encoder and, when present, the official task head (vil_prediction / vil_logit / vision_logit) are loaded.
+Anything else, or a checkpoint whose encoder does not fit, is a ValueError / FileNotFoundError naming the path and keys.
+"""
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from vilbert import (ViLBERTConfig, ViLBERTForPretraining, ViLBERTForReferring, ViLBERTForRetrieval,
+                     ViLBERTForVQA)
+from vilbert.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_state_dict
+
+from .common import model_inputs
+from .metrics import vqa_score_from_logits
+from .referring import referring_hits
+
+TASK_MODELS = {"vqa": ViLBERTForVQA, "retrieval": ViLBERTForRetrieval, "referring": ViLBERTForReferring}
+# Each task model's head (the official module names); a checkpoint holding it is a fine-tuned model of that task.
+TASK_HEADS = {"vqa": "vil_prediction.", "retrieval": "vil_logit.", "referring": "vision_logit."}
+ENCODER_PREFIX = "bert."
+
+
+def _task_class(task: str):
+    if task not in TASK_MODELS:
+        raise ValueError(f"task must be one of {sorted(TASK_MODELS)}, got {task!r}")
+    return TASK_MODELS[task]
+
+
+def load_task_model(task: str, init: Optional[str], config: Optional[ViLBERTConfig] = None,
+                    backend: Optional[str] = None, num_answers: Optional[int] = None, require_head: bool = False):
+    """The task model (see the module docstring). num_answers (VQA): the answer vocabulary's size, which a checkpoint
+    of ours or a fresh config is set to; a fine-tuned VQA checkpoint must already have it. require_head: the
+    checkpoint must hold the task head (for evaluation: a random head would give a meaningless number)."""
+    cls = _task_class(task)
+    overrides = {} if num_answers is None else {"num_answers": num_answers}
+    if init is None:
+        if config is None:
+            raise ValueError("load_task_model: without a checkpoint (init=None) a config is needed")
+        return cls(ViLBERTConfig.from_dict({**config.to_dict(), **overrides}), backend=backend)
+
+    path = Path(init)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {init!r} does not exist")
+    if path.is_dir() and (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file():
+        state = read_state_dict(path / WEIGHTS_NAME)
+        saved = ViLBERTConfig.from_json(path / CONFIG_NAME)
+        if any(k.startswith(TASK_HEADS[task]) for k in state):  # a fine-tuned model of this task
+            if num_answers is not None and saved.num_answers != num_answers:
+                raise ValueError(f"{init}: the VQA head has {saved.num_answers} answers, the answer vocabulary "
+                                 f"{num_answers}; use the vocabulary it was trained with (answers.json beside it)")
+            return cls.from_pretrained(path, backend=backend)
+        if require_head:
+            raise ValueError(f"{init} holds no {task} head ({TASK_HEADS[task]}*): fine-tune it first, or pass a "
+                             f"fine-tuned checkpoint")
+        model = cls(ViLBERTConfig.from_dict({**saved.to_dict(), **overrides}), backend=backend)
+        _load_encoder(model, state, str(path / WEIGHTS_NAME))
+        return model
+
+    # An official checkpoint: a .bin file, or a directory with one.
+    if config is None:
+        raise ValueError(f"{init}: not a directory from save_pretrained (no {CONFIG_NAME} + {WEIGHTS_NAME}); an "
+                         f"official checkpoint needs its config (--model bert_base_6layer_6conect.json)")
+    model = cls(ViLBERTConfig.from_dict({**config.to_dict(), **overrides}), backend=backend)
+    report = model.load_official_state_dict(init, strict=False)
+    encoder_missing = [k for k in report.missing if k.startswith(ENCODER_PREFIX)]
+    if encoder_missing:
+        raise ValueError(f"{init} does not fit the {task} model's encoder: missing {encoder_missing[:5]} "
+                         f"({len(encoder_missing)} in all); {report}")
+    if require_head and any(k.startswith(TASK_HEADS[task]) for k in report.missing):
+        raise ValueError(f"{init} holds no {task} head ({TASK_HEADS[task]}*): pass a checkpoint fine-tuned on it")
+    return model
+
+
+def _load_encoder(model, state, where: str) -> None:
+    """Copy the `bert.*` tensors of a pretraining state dict into a task model; every encoder tensor must be there."""
+    encoder = {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
+    missing, _ = model.load_state_dict(encoder, strict=False)
+    encoder_missing = [k for k in missing if k.startswith(ENCODER_PREFIX)]
+    if not encoder or encoder_missing:
+        raise ValueError(f"{where} does not hold this model's encoder: missing {encoder_missing[:5]} "
+                         f"({len(encoder_missing)} in all) of the {ENCODER_PREFIX}* tensors")
+
+
+def load_alignment_model(init: str, backend: Optional[str] = None) -> ViLBERTForPretraining:
+    """The pretraining model of a checkpoint directory, for zero-shot retrieval with its alignment head."""
+    if init is None or not os.path.isdir(init):
+        raise FileNotFoundError(f"zero-shot retrieval needs a pretrained checkpoint directory, got {init!r}")
+    return ViLBERTForPretraining.from_pretrained(init, backend=backend)
+
+
+def alignment_score(model: ViLBERTForPretraining):
+    """score_fn for `score_all_pairs`: the alignment head's log-odds that the caption belongs to the image."""
+    def score(batch):
+        logits = model(**batch).align_logits.float()  # (rows, 2)
+        return logits[:, 1] - logits[:, 0]
+    return score
+
+
+def retrieval_score(model: ViLBERTForRetrieval):
+    """score_fn for `score_all_pairs`: the fine-tuned pair-score head (vil_logit)."""
+    def score(batch):
+        return model(**batch).logits
+    return score
+
+
+@torch.no_grad()
+def evaluate_batches(task: str, model, loader, device) -> dict:
+    """VQA accuracy or referring accuracy (IoU >= 0.5) of `model` over a loader of task batches, in [0, 1]."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(**model_inputs(batch)).logits
+        if task == "vqa":
+            hits = vqa_score_from_logits(logits.float(), batch["answer_scores"])
+        elif task == "referring":
+            hits = referring_hits(logits.float(), batch)
+        else:
+            raise ValueError(f"evaluate_batches handles vqa and referring (retrieval: score_all_pairs), got {task!r}")
+        total += hits.sum().item()
+        count += len(hits)
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("evaluation loader yielded no samples")
+    return {"vqa_accuracy" if task == "vqa" else "referring_accuracy": total / count, "num_samples": count}
