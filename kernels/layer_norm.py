@@ -1,7 +1,8 @@
 """Fused dropout + residual add + LayerNorm: y = LayerNorm(dropout(x) + residual), the BERT "output" block.
 
-One pass forward (each program normalises whole rows held in registers), one pass backward (dx, dresidual and
-per-program partial sums of dweight / dbias, then one deterministic sum over the programs).
+One kernel forward (each program normalises whole rows held in registers), one kernel backward (dx, dresidual and
+per-program partial sums of dweight / dbias, then one deterministic sum over the programs). The backward holds rows of
+up to 4096 in registers; wider rows it walks twice in 4096-wide tiles (the row sums, then the outputs).
 
 Layers, top to bottom: Triton kernels -> launchers (`_launch_*`, on (N, C) rows) -> custom ops
 `vilbert_kernels::layer_norm_fwd` / `layer_norm_bwd` (fakes and autograd registered, so torch.compile traces
@@ -45,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_C = 8192  # a whole row lives in registers; wider rows would spill
+MAX_C = 8192  # the forward holds a whole row in registers; wider rows would spill
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -103,6 +104,35 @@ def _layer_norm_fwd_kernel(
 
 
 @triton.jit
+def _layer_norm_bwd_load(DY, Z, W, rows64, row_ok, cols, mean, rstd, stride_dy_row, stride_z_row, C):
+    """At (rows, cols): dy, xhat and weight * dy in fp32, zero outside the (N, C) rows, and that mask."""
+    col_ok = cols < C
+    mask = row_ok[:, None] & col_ok[None, :]  # (BLOCK_ROWS, len(cols))
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)  # reloaded (cached): fewer live registers
+    dy = tl.load(DY + rows64[:, None] * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(Z + rows64[:, None] * stride_z_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
+    return dy, xhat, w[None, :] * dy, mask
+
+
+@triton.jit
+def _layer_norm_bwd_store(DX, DRESIDUAL, rows64, cols, mask, wdy, xhat, c_one, c_xhat, rstd, C, dropout_p, seed,
+                          HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """At (rows, cols): dz from the row sums c_one, c_xhat, stored as dresidual and, through the regenerated dropout
+    mask, as dx."""
+    dz = (wdy - c_one[:, None] - xhat * c_xhat[:, None]) * rstd[:, None]
+    dense = rows64[:, None] * C + cols[None, :]  # element index in the contiguous (N, C) layout
+    if HAS_RESIDUAL:
+        tl.store(DRESIDUAL + dense, dz.to(DRESIDUAL.dtype.element_ty), mask=mask)
+    dx = dz
+    if HAS_DROPOUT:
+        # Last, when only dz and the accumulators are live: Philox is register-hungry.
+        keep = _dropout_keep(seed, dense, dropout_p)
+        dx = tl.where(keep, dz * (1.0 / (1.0 - dropout_p)), 0.0)
+    tl.store(DX + dense, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _layer_norm_bwd_kernel(
     DY,  # (N, C) output gradient, row stride stride_dy_row, unit column stride
     Z,  # (N, C) pre-norm sum (the saved z, or x itself), row stride stride_z_row
@@ -116,53 +146,73 @@ def _layer_norm_bwd_kernel(
     stride_dy_row, stride_z_row,
     N, C, dropout_p, seed,
     HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, TILE_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    dw_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    dw_acc = tl.zeros([BLOCK_C], dtype=tl.float32)  # used when TILE_C == BLOCK_C (a whole row in one tile)
     db_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     # Program pid takes row blocks pid, pid + num_programs, ...: a fixed order, so the partial sums are deterministic.
     for row_block in range(pid, tl.cdiv(N, BLOCK_ROWS), tl.num_programs(0)):
         rows = row_block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        rows64 = rows.to(tl.int64)
+        rows64 = rows.to(tl.int64)  # N * C may exceed 2**31
         row_ok = rows < N
-        mask = row_ok[:, None] & col_ok[None, :]  # (BLOCK_ROWS, BLOCK_C)
-        dense = rows64[:, None] * C + cols[None, :]
-        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)  # reloaded (cached): fewer live registers
-        dy = tl.load(DY + rows64[:, None] * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(Z + rows64[:, None] * stride_z_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-        xhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
-        dw_acc += tl.sum(dy * xhat, axis=0)
-        db_acc += tl.sum(dy, axis=0)
-        wdy = w[None, :] * dy
-        c_xhat = tl.sum(wdy * xhat, axis=1) / C  # (BLOCK_ROWS,)
-        c_one = tl.sum(wdy, axis=1) / C
-        dz = (wdy - c_one[:, None] - xhat * c_xhat[:, None]) * rstd[:, None]
-
-        if HAS_RESIDUAL:
-            tl.store(DRESIDUAL + dense, dz.to(DRESIDUAL.dtype.element_ty), mask=mask)
-        dx = dz
-        if HAS_DROPOUT:
-            # Last, when only dz and the accumulators are live: Philox on a whole row is register-hungry.
-            keep = _dropout_keep(seed, dense, dropout_p)
-            dx = tl.where(keep, dz * (1.0 / (1.0 - dropout_p)), 0.0)
-        tl.store(DX + dense, dx.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DW_PARTIAL + pid * C + cols, dw_acc, mask=col_ok)
-    tl.store(DB_PARTIAL + pid * C + cols, db_acc, mask=col_ok)
+        if TILE_C == BLOCK_C:
+            # The whole row stays in registers from the loads to the stores.
+            dy, xhat, wdy, mask = _layer_norm_bwd_load(DY, Z, W, rows64, row_ok, cols, mean, rstd,
+                                                       stride_dy_row, stride_z_row, C)
+            dw_acc += tl.sum(dy * xhat, axis=0)
+            db_acc += tl.sum(dy, axis=0)
+            c_xhat = tl.sum(wdy * xhat, axis=1) / C  # (BLOCK_ROWS,)
+            c_one = tl.sum(wdy, axis=1) / C
+            _layer_norm_bwd_store(DX, DRESIDUAL, rows64, cols, mask, wdy, xhat, c_one, c_xhat, rstd, C, dropout_p,
+                                  seed, HAS_RESIDUAL, HAS_DROPOUT)
+        else:
+            # A row too wide for registers is walked in TILE_C-wide tiles twice: once for the row sums, adding the
+            # dweight / dbias terms into this program's rows of the partial sums in memory (no other program touches
+            # them), and once for the outputs, from dy and z reloaded (in L1 / L2 since the first walk).
+            # The barrier orders the previous row block's partial-sum stores before this one's loads: the threads
+            # that load an element need not be those that stored it.
+            tl.debug_barrier()
+            c_xhat = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+            c_one = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+            for start in range(0, C, TILE_C):
+                tile = start + tl.arange(0, TILE_C)
+                dy, xhat, wdy, _ = _layer_norm_bwd_load(DY, Z, W, rows64, row_ok, tile, mean, rstd,
+                                                        stride_dy_row, stride_z_row, C)
+                c_xhat += tl.sum(wdy * xhat, axis=1)
+                c_one += tl.sum(wdy, axis=1)
+                in_row = tile < C
+                adds = in_row & (row_block > pid)  # the program's first row block starts the sums (not zeroed)
+                dw = DW_PARTIAL + pid * C + tile
+                db = DB_PARTIAL + pid * C + tile
+                tl.store(dw, tl.load(dw, mask=adds, other=0.0) + tl.sum(dy * xhat, axis=0), mask=in_row)
+                tl.store(db, tl.load(db, mask=adds, other=0.0) + tl.sum(dy, axis=0), mask=in_row)
+            c_xhat /= C
+            c_one /= C
+            for start in range(0, C, TILE_C):
+                tile = start + tl.arange(0, TILE_C)
+                _, xhat, wdy, mask = _layer_norm_bwd_load(DY, Z, W, rows64, row_ok, tile, mean, rstd,
+                                                          stride_dy_row, stride_z_row, C)
+                _layer_norm_bwd_store(DX, DRESIDUAL, rows64, tile, mask, wdy, xhat, c_one, c_xhat, rstd, C,
+                                      dropout_p, seed, HAS_RESIDUAL, HAS_DROPOUT)
+    if TILE_C == BLOCK_C:
+        col_ok = cols < C
+        tl.store(DW_PARTIAL + pid * C + cols, dw_acc, mask=col_ok)
+        tl.store(DB_PARTIAL + pid * C + cols, db_acc, mask=col_ok)
 
 
 def _launch_config(C):
-    """(BLOCK_C, BLOCK_ROWS, num_warps) for rows of C elements: a whole row per program, several rows when C is
-    small (so a program handles >= 1024 elements), 8 elements of each tensor per thread. (At 16 elements per thread,
-    the backward with dropout spills registers at BLOCK_C = 8192: Philox is register-hungry.)"""
+    """(BLOCK_C, BLOCK_ROWS, num_warps, TILE_C) for rows of C elements: a whole row per program, several rows when C
+    is small (so a program handles >= 1024 elements), 8 elements of each tensor per thread. TILE_C: the width of the
+    tiles the backward walks a row in, the whole row up to 4096. A whole 8192-wide row in the backward (dy, z, xhat,
+    dz and the dweight / dbias sums, then dropout's Philox) spills registers: 64 a thread at 32 warps, 128 at 16."""
     BLOCK_C = triton.next_power_of_2(C)
     BLOCK_ROWS = max(1, 1024 // BLOCK_C)
     num_warps = BLOCK_ROWS * BLOCK_C // 256  # 4 (C <= 1024) ... 32 (C > 4096)
-    return BLOCK_C, BLOCK_ROWS, num_warps
+    return BLOCK_C, BLOCK_ROWS, num_warps, min(BLOCK_C, 4096)
 
 
 @functools.lru_cache(maxsize=None)
@@ -193,7 +243,7 @@ def _launch_layer_norm_fwd(x, weight, bias, eps, residual, dropout_p, seed):
     z = torch.empty((N, C), dtype=x.dtype, device=x.device) if store_z else x
     mean = torch.empty((N,), dtype=torch.float32, device=x.device)
     rstd = torch.empty((N,), dtype=torch.float32, device=x.device)
-    BLOCK_C, BLOCK_ROWS, num_warps = _launch_config(C)
+    BLOCK_C, BLOCK_ROWS, num_warps, _ = _launch_config(C)
     if N > 0:
         _layer_norm_fwd_kernel[(triton.cdiv(N, BLOCK_ROWS),)](
             x, x if residual is None else residual, weight, bias, y, z, mean, rstd,
@@ -207,7 +257,7 @@ def _launch_layer_norm_fwd(x, weight, bias, eps, residual, dropout_p, seed):
 def _launch_layer_norm_bwd(dy, z, weight, mean, rstd, has_residual, dropout_p, seed):
     """dy, z: (N, C) rows. Returns dx (N, C), dresidual (N, C) or None, dweight / dbias (C,) fp32."""
     N, C = z.shape
-    BLOCK_C, BLOCK_ROWS, num_warps = _launch_config(C)
+    BLOCK_C, BLOCK_ROWS, num_warps, TILE_C = _launch_config(C)
     num_programs = min(triton.cdiv(N, BLOCK_ROWS), _max_backward_programs(z.device))
     dx = torch.empty((N, C), dtype=z.dtype, device=z.device)
     dresidual = torch.empty((N, C), dtype=z.dtype, device=z.device) if has_residual else None
@@ -219,7 +269,7 @@ def _launch_layer_norm_bwd(dy, z, weight, mean, rstd, has_residual, dropout_p, s
             dy.stride(0), z.stride(0),
             N, C, dropout_p, seed,
             HAS_RESIDUAL=has_residual, HAS_DROPOUT=dropout_p > 0.0,
-            BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=BLOCK_C, num_warps=num_warps)
+            BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=BLOCK_C, TILE_C=TILE_C, num_warps=num_warps)
     return dx, dresidual, dw_partial.sum(0), db_partial.sum(0)  # (C,) each; a 0-program sum gives zeros
 
 
@@ -381,7 +431,7 @@ def sm90_specs():
 
     specs = []
     pointer = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-    for BLOCK_C, BLOCK_ROWS, num_warps in sorted({_launch_config(C) for C in (768, 1024, 3072, 8192)}):
+    for BLOCK_C, BLOCK_ROWS, num_warps, TILE_C in sorted({_launch_config(C) for C in (768, 1024, 3072, 8192)}):
         for dtype in SUPPORTED_DTYPES:
             t = pointer[dtype]
             for fused in (False, True):
@@ -397,13 +447,13 @@ def sm90_specs():
                                 "BLOCK_ROWS": BLOCK_ROWS, "BLOCK_C": BLOCK_C},
                     num_warps=num_warps))
                 specs.append(KernelSpec(
-                    name=f"layer_norm_bwd[{tag}]", fn=_layer_norm_bwd_kernel,
+                    name=f"layer_norm_bwd[{tag},TILE_C={TILE_C}]", fn=_layer_norm_bwd_kernel,
                     signature={"DY": t, "Z": t, "W": t, "MEAN": "*fp32", "RSTD": "*fp32", "DX": t, "DRESIDUAL": t,
                                "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32", "stride_dy_row": "i32",
                                "stride_z_row": "i32", "N": "i32", "C": "i32", "dropout_p": "fp32", "seed": "i32",
                                "HAS_RESIDUAL": "constexpr", "HAS_DROPOUT": "constexpr",
-                               "BLOCK_ROWS": "constexpr", "BLOCK_C": "constexpr"},
+                               "BLOCK_ROWS": "constexpr", "BLOCK_C": "constexpr", "TILE_C": "constexpr"},
                     constexprs={"HAS_RESIDUAL": fused, "HAS_DROPOUT": fused,
-                                "BLOCK_ROWS": BLOCK_ROWS, "BLOCK_C": BLOCK_C},
+                                "BLOCK_ROWS": BLOCK_ROWS, "BLOCK_C": BLOCK_C, "TILE_C": TILE_C},
                     num_warps=num_warps))
     return specs
