@@ -175,8 +175,8 @@ def test_dropout_keep_rate(dropout_p, seed, device):
     n = rows * C
     sigma = (dropout_p * (1 - dropout_p) / n) ** 0.5
     assert abs(keep.float().mean().item() - (1 - dropout_p)) < 5 * sigma
-    # Neither rows nor columns repeat the same mask.
-    assert not torch.equal(keep[0], keep[1]) and not torch.equal(keep[:, 0], keep[:, 1])
+    # Neither rows nor columns repeat the same mask (compared over enough elements that a chance match is ~0).
+    assert not torch.equal(keep[0], keep[1]) and not torch.equal(keep[:, :500], keep[:, 500:])
 
 
 def test_finite_difference_with_fixed_seed(seed, device):

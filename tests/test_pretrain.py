@@ -1,0 +1,315 @@
+"""train/pretrain.py end to end on the CPU: DeepSpeed ranks over gloo, started by the real launcher.
+
+Each run is a `deepspeed --num_gpus N train/pretrain.py` subprocess on the tiny model and a small synthetic store, with
+`--log_interval 1` (a metrics line per optimizer step) and `--log_samples` (the dataset indices of every step per
+rank). DeepSpeed counts CPU "devices" from LOCAL_SIZE, so it is set to the rank count: the runs really use N ranks.
+The default run holds one 2-rank run matched against a single process and one SIGTERM resume; the rest is `-m slow`.
+"""
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+
+from vilbert import ViLBERTConfig, ViLBERTForPretraining
+from vilbert.data import write_synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "train", "pretrain.py")
+DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+RUN_TIMEOUT = 600
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "synthetic"
+    write_synthetic(path, num_images=96)
+    return str(path)
+
+
+def write_json(path, values):
+    with open(path, "w") as f:
+        json.dump(values, f)
+    return str(path)
+
+
+def ds_config(tmp_path, stage=2, global_batch=8, micro=4, clipping=1.0, lr=3e-3):
+    """train/ds_cpu.json with the test's batch, ZeRO stage, clipping and peak learning rate."""
+    with open(os.path.join(ROOT, "train", "ds_cpu.json")) as f:
+        config = json.load(f)
+    config.update(train_batch_size=global_batch, train_micro_batch_size_per_gpu=micro, gradient_clipping=clipping)
+    config["optimizer"]["params"]["lr"] = config["scheduler"]["params"]["warmup_max_lr"] = lr
+    config["zero_optimization"] = {"stage": stage}
+    return write_json(tmp_path / f"ds_zero{stage}_{global_batch}_{micro}.json", config)
+
+
+def model_config(tmp_path, dropout):
+    """The tiny preset (vocab sized to the shipped tokenizer), with all dropouts set to `dropout`."""
+    from vilbert.data import load_tokenizer
+    config = ViLBERTConfig.preset("tiny", vocab_size=load_tokenizer().vocab_size).to_dict()
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "v_hidden_dropout_prob",
+                "v_attention_probs_dropout_prob"):
+        config[key] = dropout
+    return write_json(tmp_path / f"tiny_dropout{dropout}.json", config)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(ranks, output_dir, *args):
+    """Starts `deepspeed --num_gpus ranks train/pretrain.py` in its own session (so a test can signal it all)."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", LOCAL_SIZE=str(ranks), OMP_NUM_THREADS="1")
+    command = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), SCRIPT,
+               "--output_dir", str(output_dir), "--log_interval", "1", "--log_samples", "--num_workers", "0", *args]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def run(ranks, output_dir, *args):
+    process = launch(ranks, output_dir, *args)
+    output, _ = process.communicate(timeout=RUN_TIMEOUT)
+    assert process.returncode == 0, output[-5000:]
+    return output
+
+
+def metrics(output_dir):
+    """{step: metrics line}; where a resumed run redid steps, its lines (later in the file) win."""
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f)}
+
+
+def samples(output_dir, ranks):
+    """{step: sorted dataset indices of the global batch}, later lines winning as in `metrics`."""
+    steps = {}
+    for rank in range(ranks):
+        per_rank = {}
+        with open(os.path.join(output_dir, f"samples_rank{rank}.jsonl")) as f:
+            for record in map(json.loads, f):
+                per_rank[record["step"]] = record["indices"]
+        for step, indices in per_rank.items():
+            steps.setdefault(step, []).extend(indices)
+    return {step: sorted(indices) for step, indices in steps.items()}
+
+
+def losses(output_dir, name="loss"):
+    lines = metrics(output_dir)
+    return [lines[s][name] for s in sorted(lines)]
+
+
+def assert_no_sample_repeated(steps, num_samples, global_batch):
+    """Within each epoch of the sampler, every index at most once. (Skips show as a difference from the uninterrupted
+    run's samples.)"""
+    per_epoch = num_samples // global_batch
+    for first in range(1, max(steps) + 1, per_epoch):
+        epoch = [i for s in range(first, min(first + per_epoch, max(steps) + 1)) for i in steps[s]]
+        assert len(epoch) == len(set(epoch)), f"a sample repeated in the epoch starting at step {first}"
+
+
+def wait_for_step(output_dir, step, process, timeout=RUN_TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the run ended before the signal was sent: " + process.stdout.read()[-3000:]
+        try:
+            if max(metrics(output_dir), default=0) >= step:
+                return
+        except (FileNotFoundError, json.JSONDecodeError):  # not written yet / a line half written
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def rank_pids(process):
+    """The training ranks: the grandchildren of the `deepspeed` runner (runner -> launch.py -> ranks)."""
+    import psutil
+    return [p.pid for p in psutil.Process(process.pid).children(recursive=True) if SCRIPT in " ".join(p.cmdline())]
+
+
+# ---- the launcher runs: ZeRO stages, matching a single process ------------------------------------------------------
+def two_ranks_and_one(directory, store, stage, steps=24):
+    """The same run (fp32, no dropout, clipping 1.0) on 2 ranks x micro 4 and on 1 rank x micro 4 x 2 accumulation
+    steps: the same global batches. Returns the common arguments and the two output dirs."""
+    common = ["--data", store, "--model", model_config(directory, dropout=0.0), "--max_steps", str(steps),
+              "--deepspeed_config", ds_config(directory, stage=stage), "--save_interval", "100"]
+    output = run(2, directory / "two", *common)
+    assert "running on the CPU with gloo" in output and "2 rank(s)" in output
+    run(1, directory / "one", *common)
+    return common, directory / "two", directory / "one"
+
+
+@pytest.fixture(scope="module")
+def zero2_runs(tmp_path_factory, store):
+    return two_ranks_and_one(tmp_path_factory.mktemp("zero2"), store, stage=2)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(3, marks=pytest.mark.slow)])
+def test_two_ranks_match_one_rank(request, tmp_path, store, stage):
+    """Step for step the same losses (rtol 1e-5) and samples; the masked losses fall; the export loads."""
+    _, two, one = request.getfixturevalue("zero2_runs") if stage == 2 else two_ranks_and_one(tmp_path, store, stage)
+    assert len(losses(two)) == len(losses(one)) == 24
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    for name in ("mlm_loss", "region_loss"):
+        curve = losses(two, name)[1:]  # step 1 has a learning rate of 0 (warmup)
+        assert sum(curve[-6:]) < sum(curve[:6]), f"{name} did not fall: {curve}"
+    assert samples(two, 2) == samples(one, 1)
+    assert_no_sample_repeated(samples(two, 2), 96, 8)
+    # The export holds the trained weights, consolidated from the shards.
+    exported = ViLBERTForPretraining.from_pretrained(two / "final").state_dict()
+    assert all(t.numel() > 0 for t in exported.values())
+
+
+# ---- resume --------------------------------------------------------------------------------------------------------
+def interrupt_and_resume(directory, common, ranks, sig, at_step):
+    """Runs `common` with `sig` sent once step `at_step` is logged, then runs it again (resuming); returns the dir."""
+    cut = directory / "cut"
+    process = launch(ranks, cut, *common)
+    wait_for_step(cut, at_step, process)
+    if sig == signal.SIGKILL:
+        os.killpg(process.pid, signal.SIGKILL)  # everything, at once, wherever it is
+        process.communicate(timeout=60)
+    else:
+        os.kill(rank_pids(process)[-1], sig)  # one rank only: the others must learn of it and stop at the same step
+        output, _ = process.communicate(timeout=RUN_TIMEOUT)
+        assert process.returncode == 0, output[-5000:]
+        assert "checkpoint saved, rerun to resume" in output
+    stopped = max(metrics(cut))
+    steps = int(common[common.index("--max_steps") + 1])
+    assert stopped < steps, "the run finished before the signal arrived"
+    assert "resumed from" in run(ranks, cut, *common)
+    return cut
+
+
+@pytest.mark.distributed
+def test_sigterm_then_resume_equals_uninterrupted(tmp_path, zero2_runs):
+    common, straight, _ = zero2_runs
+    cut = interrupt_and_resume(tmp_path, common + ["--keep_last", "2"], ranks=2, sig=signal.SIGTERM, at_step=3)
+    assert losses(cut) == pytest.approx(losses(straight), rel=1e-6)
+    assert samples(cut, 2) == samples(straight, 2)
+    tags = [d for d in os.listdir(cut) if d.startswith("global_step")]
+    assert len(tags) == 2 and "global_step24" in tags  # keep_last 2: the SIGTERM checkpoint and the final one
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_hard_kill_then_resume_equals_uninterrupted(tmp_path, store):
+    """With dropout on, so the restored RNG states matter; killed between the checkpoints of steps 5 and 10."""
+    common = ["--data", store, "--model", model_config(tmp_path, dropout=0.1), "--max_steps", "20",
+              "--deepspeed_config", ds_config(tmp_path), "--save_interval", "5"]
+    run(2, tmp_path / "straight", *common)
+    cut = interrupt_and_resume(tmp_path, common, ranks=2, sig=signal.SIGKILL, at_step=7)
+    assert losses(cut) == pytest.approx(losses(tmp_path / "straight"), rel=1e-6)
+    assert samples(cut, 2) == samples(tmp_path / "straight", 2)
+    assert_no_sample_repeated(samples(cut, 2), 96, 8)
+
+
+# ---- ZeRO-3 with the Triton kernels (interpreter) and the tied MLM decoder ------------------------------------------
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zero3_triton_matches_zero2(tmp_path, store):
+    common = ["--data", store, "--model", model_config(tmp_path, dropout=0.0), "--max_steps", "3",
+              "--backend", "triton", "--save_interval", "100"]
+    run(2, tmp_path / "z2", "--deepspeed_config", ds_config(tmp_path, stage=2), *common)
+    run(2, tmp_path / "z3", "--deepspeed_config", ds_config(tmp_path, stage=3), *common)
+    assert losses(tmp_path / "z3") == pytest.approx(losses(tmp_path / "z2"), rel=1e-5)
+    exported = [ViLBERTForPretraining.from_pretrained(tmp_path / d / "final").state_dict() for d in ("z2", "z3")]
+    for key, value in exported[0].items():
+        assert exported[1][key].shape == value.shape and exported[1][key].numel() > 0, key
+
+
+# ---- errors: one line, non-zero exit, before any rank waits on another ----------------------------------------------
+@pytest.fixture
+def pretrain(monkeypatch):
+    """train/pretrain.py imported in-process as rank 0 of a world of one (a test may change WORLD_SIZE), on the CPU."""
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", str(free_port()))):
+        monkeypatch.setenv(key, value)
+    spec = importlib.util.spec_from_file_location("pretrain_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "gpu_available", lambda: False)
+    return module
+
+
+def error_line(pretrain, capsys, *argv):
+    status = pretrain.main(list(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1, err
+    return err[0]
+
+
+def test_bad_arguments_fail_with_one_line(pretrain, capsys, tmp_path, monkeypatch):
+    good = ds_config(tmp_path)
+    assert "--data" in error_line(pretrain, capsys, "--deepspeed_config", good, "--data", str(tmp_path / "nope"))
+    assert "preset" in error_line(pretrain, capsys, "--deepspeed_config", good, "--model", "vilbert-huge")
+    assert "deepspeed_config" in error_line(pretrain, capsys, "--deepspeed_config", str(tmp_path / "nope.json"))
+    assert "deepspeed_config is required" in error_line(pretrain, capsys)
+    assert "--max_steps" in error_line(pretrain, capsys, "--deepspeed_config", good, "--max_steps", "0")
+    with open(good) as f:
+        config = json.load(f)
+    fp16 = write_json(tmp_path / "fp16.json", {**config, "fp16": {"enabled": True}})
+    assert "fp16 needs a GPU" in error_line(pretrain, capsys, "--deepspeed_config", fp16)
+    both = write_json(tmp_path / "both.json", {**config, "fp16": {"enabled": True}, "bf16": {"enabled": True}})
+    assert "both enabled" in error_line(pretrain, capsys, "--deepspeed_config", both)
+    monkeypatch.setenv("WORLD_SIZE", "3")  # 8 is not a multiple of micro 4 x 3 ranks
+    assert "not divisible" in error_line(pretrain, capsys, "--deepspeed_config", good)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_bad_data_path_through_the_launcher(tmp_path):
+    """Every rank finds the error before any collective: one line (from rank 0), exit status 2, no hang."""
+    process = launch(2, tmp_path / "out", "--deepspeed_config", ds_config(tmp_path), "--data", str(tmp_path / "nope"))
+    output, _ = process.communicate(timeout=RUN_TIMEOUT)
+    assert process.returncode == 2
+    assert [line for line in output.splitlines() if "error:" in line] == [
+        f"pretrain.py: error: --data {str(tmp_path / 'nope')!r} does not exist"]
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(pretrain, tmp_path, monkeypatch):
+    """`latest` moves to a new tag only after the save returned everywhere; old tags go only after that."""
+    monkeypatch.setattr(pretrain, "dist", types.SimpleNamespace(
+        barrier=lambda: None, get_rank=lambda: 0, get_world_size=lambda: 1,
+        all_gather_object=lambda out, obj: out.__setitem__(0, obj)))
+
+    class Engine:  # writes a tag dir the way DeepSpeed does, optionally failing half way
+        def __init__(self, fail):
+            self.fail = fail
+
+        def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+            assert not save_latest and "rng" in client_state
+            os.makedirs(os.path.join(save_dir, tag))
+            if self.fail:
+                raise OSError("No space left on device")
+
+    def state():
+        with open(tmp_path / "latest") as f:
+            return f.read(), sorted(d for d in os.listdir(tmp_path) if d.startswith("global_step"))
+
+    for step in (1, 2, 3):
+        pretrain.save_checkpoint(Engine(fail=False), str(tmp_path), {"step": step}, keep_last=2)
+    assert state() == ("global_step3", ["global_step2", "global_step3"])
+    with pytest.raises(OSError):
+        pretrain.save_checkpoint(Engine(fail=True), str(tmp_path), {"step": 4}, keep_last=2)
+    assert state() == ("global_step3", ["global_step2", "global_step3", "global_step4"])
+
+
+def test_cpu_turns_bf16_off_and_fills_the_schedule(pretrain):
+    with open(os.path.join(ROOT, "train", "ds.json")) as f:
+        gpu = json.load(f)
+    config, note = pretrain.load_ds_config(os.path.join(ROOT, "train", "ds.json"), world_size=8, on_gpu=False)
+    assert not config["bf16"]["enabled"] and "bf16" in note and config["optimizer"]["params"]["torch_adam"]
+    config, note = pretrain.load_ds_config(os.path.join(ROOT, "train", "ds.json"), world_size=8, on_gpu=True)
+    assert config == gpu
+    pretrain.fill_schedule(config, total_steps=1000)
+    assert config["scheduler"]["params"]["total_num_steps"] == 1000
+    assert config["scheduler"]["params"]["warmup_num_steps"] == 100
+    assert config["scheduler"]["params"]["warmup_type"] == "linear"

@@ -1,0 +1,334 @@
+"""Fine-tune and evaluate ViLBERT on the paper's downstream tasks (VQA, image-text retrieval, referring expressions).
+
+Launch (same conventions as train/pretrain.py: batch sizes in the DeepSpeed JSON are global):
+
+    # built-in synthetic tasks (written on first use), from a pretraining run's weights, on a CPU:
+    deepspeed --num_gpus 1 train/finetune.py --deepspeed_config train/ds_finetune_cpu.json \\
+        --task vqa --init runs/pretrain/final --max_steps 300 --output_dir runs/vqa
+    # the same budget from scratch (same config as the checkpoint, random weights):
+    deepspeed --num_gpus 1 train/finetune.py --deepspeed_config train/ds_finetune_cpu.json \\
+        --task vqa --init none --model runs/pretrain/final/config.json --max_steps 300 --output_dir runs/vqa_scratch
+    # real VQA 2.0 on GPUs (features: any store vilbert.data.open_store reads; bert-base-uncased's vocab.txt):
+    deepspeed --num_gpus 8 train/finetune.py --deepspeed_config train/ds.json --task vqa --init runs/pretrain/final \\
+        --data /data/vqa --train_split train2014 --val_split val2014 --features /data/coco_features.lmdb \\
+        --vocab_file bert-base-uncased/vocab.txt --epochs 20
+    # evaluation only (ours or an official checkpoint with its config):
+    python train/finetune.py --deepspeed_config train/ds_finetune_cpu.json --task retrieval --eval_only \\
+        --init runs/ret/final
+    python train/finetune.py ... --task retrieval --eval_only --zero_shot --init runs/pretrain/final   # alignment head
+
+--data is a directory holding, per split (--train_split / --val_split):
+    vqa:       v2_OpenEnded_mscoco_<split>_questions.json + v2_mscoco_<split>_annotations.json
+    retrieval: captions_<split>.jsonl ({"image_id", "caption"} per line) or captions_<split>.json ({image_id: [...]})
+    referring: refs_<split>.json or .jsonl ([{"ref_id", "image_id", "sentences", "bbox": [x, y, w, h]}])
+and the feature store at <data>/features unless --features is given. Without --data: the built-in synthetic tasks.
+
+A retrieval micro batch of N is N groups of NUM_CHOICES (4) pairs: 4N pairs per forward.
+
+output_dir holds metrics.jsonl (one line per log step, then one "eval" line), final/ (`save_pretrained` of the task
+model; for VQA also answers.json, the answer vocabulary). Evaluation runs on rank 0 over the whole val split:
+VQA accuracy, R@1/5/10 both ways, referring accuracy at IoU 0.5. ZeRO-3 is not supported here (ZeRO 0-2 are).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import deepspeed
+import deepspeed.comm as dist
+import torch
+from deepspeed.accelerator import get_accelerator
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pretrain import UsageError, build_config, fill_schedule, load_ds_config, param_groups  # noqa: E402
+
+from vilbert.data import ResumableSampler, load_tokenizer, open_store  # noqa: E402
+from vilbert.tasks.common import TaskCollator, model_inputs  # noqa: E402
+from vilbert.tasks.metrics import retrieval_recall, summarize_recall, vqa_score_from_logits  # noqa: E402
+from vilbert.tasks.models import (TASK_MODELS, alignment_score, evaluate_batches, load_alignment_model,  # noqa: E402
+                                  load_task_model, retrieval_score)
+from vilbert.tasks.referring import ReferringDataset, load_refs, referring_hits  # noqa: E402
+from vilbert.tasks.retrieval import (NUM_CHOICES, RetrievalTrainDataset, load_captions,  # noqa: E402
+                                     retrieval_eval_set, score_all_pairs)
+from vilbert.tasks.synthetic import FEATURES_DIR, ensure_synthetic_tasks  # noqa: E402
+from vilbert.tasks.vqa import VQA2_NUM_ANSWERS, AnswerVocab, VQADataset, load_vqa  # noqa: E402
+
+# The official downstream lengths (tokens including [CLS]/[SEP]); 100 regions + the IMG token for every task.
+MAX_TEXT_LEN = {"vqa": 23, "retrieval": 30, "referring": 20}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", required=True, choices=sorted(TASK_MODELS))
+    parser.add_argument("--data", help="task directory (see the module docstring; default: built-in synthetic tasks)")
+    parser.add_argument("--features", help="feature store (default: <data>/features)")
+    parser.add_argument("--train_split", default="train")
+    parser.add_argument("--val_split", default="val")
+    parser.add_argument("--init", required=True,
+                        help="checkpoint: a save_pretrained dir (pretraining or this task's), an official .bin (with "
+                             "--model its config JSON), or 'none' to start from random weights")
+    parser.add_argument("--model", default="small",
+                        help="config preset or JSON for --init none or an official checkpoint (default: small)")
+    parser.add_argument("--vocab_file", help="BERT vocab.txt (default: the vocab shipped for the built-in data)")
+    parser.add_argument("--answers", help="VQA answer vocabulary JSON list (default: the top 3129 train answers)")
+    parser.add_argument("--output_dir", default="runs/finetune")
+    parser.add_argument("--max_steps", type=int, help="optimizer steps (overrides --epochs)")
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--backend", choices=("torch", "sdpa", "triton"),
+                        help="op backend (default: triton on a GPU, torch on the CPU)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max_regions", type=int, default=100, help="regions per image (+ the IMG token)")
+    parser.add_argument("--eval_only", action="store_true", help="evaluate --init on the val split, no training")
+    parser.add_argument("--zero_shot", action="store_true",
+                        help="retrieval: score pairs with the pretraining alignment head of --init "
+                             "(implies --eval_only)")
+    parser.add_argument("--eval_batch_size", type=int, default=64)
+    parser.add_argument("--max_eval_images", type=int,
+                        help="retrieval: evaluate on the first N val images and their captions (default: all)")
+    parser.add_argument("--log_interval", type=int, default=10, help="optimizer steps per metrics line")
+    parser.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes per rank")
+    parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
+    parser = deepspeed.add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    args.init = None if args.init == "none" else args.init
+    if args.zero_shot:
+        if args.task != "retrieval":
+            raise UsageError(f"--zero_shot is for --task retrieval, got --task {args.task}")
+        args.eval_only = True
+    if args.eval_only and args.init is None:
+        raise UsageError("--eval_only needs a checkpoint (--init DIR)")
+    if args.init is not None and not os.path.exists(args.init):
+        raise UsageError(f"--init {args.init!r} does not exist")
+    for name in ("log_interval", "eval_batch_size", "max_regions"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UsageError(f"--max_steps must be >= 1, got {args.max_steps}")
+    if not args.deepspeed_config:
+        raise UsageError("--deepspeed_config is required (train/ds.json on GPUs, train/ds_finetune_cpu.json on a CPU)")
+    return args
+
+
+def split_file(data_dir, stem, split, extensions):
+    """<data>/<stem>_<split><ext> for the first extension that exists."""
+    for ext in extensions:
+        path = os.path.join(data_dir, f"{stem}_{split}{ext}")
+        if os.path.isfile(path):
+            return path
+    raise UsageError(f"--data {data_dir!r}: no {stem}_{split}{'/'.join(extensions)}")
+
+
+def build_datasets(args, data_dir, store, tokenizer):
+    """(train dataset or None, val dataset or val retrieval set, answer vocabulary or None)."""
+    text_len = MAX_TEXT_LEN[args.task]
+    common = dict(max_text_len=text_len, max_regions=args.max_regions)
+    if args.task == "vqa":
+        def examples(split):
+            questions = os.path.join(data_dir, f"v2_OpenEnded_mscoco_{split}_questions.json")
+            annotations = os.path.join(data_dir, f"v2_mscoco_{split}_annotations.json")
+            for path in (questions, annotations):
+                if not os.path.isfile(path):
+                    raise UsageError(f"--data {data_dir!r}: no {os.path.basename(path)}")
+            return load_vqa(questions, annotations)
+        train_examples = None if args.eval_only else examples(args.train_split)
+        if args.answers:
+            vocab = AnswerVocab.load(args.answers)
+        elif args.eval_only and os.path.isfile(os.path.join(args.init, "answers.json")):
+            vocab = AnswerVocab.load(os.path.join(args.init, "answers.json"))
+        elif train_examples is not None:
+            vocab = AnswerVocab.build(train_examples, VQA2_NUM_ANSWERS)
+        else:
+            raise UsageError("--eval_only for VQA needs the answer vocabulary: --answers or <init>/answers.json")
+        train = None if train_examples is None else VQADataset(train_examples, store, tokenizer, vocab, **common)
+        return train, VQADataset(examples(args.val_split), store, tokenizer, vocab, **common), vocab
+    if args.task == "retrieval":
+        def pairs(split):
+            return load_captions(split_file(data_dir, "captions", split, (".jsonl", ".json")))
+        train = None if args.eval_only else RetrievalTrainDataset(pairs(args.train_split), store, tokenizer,
+                                                                  seed=args.seed, **common)
+        val_pairs = pairs(args.val_split)
+        image_ids, captions, caption_image = retrieval_eval_set(val_pairs)
+        if args.max_eval_images:
+            keep = caption_image < args.max_eval_images
+            image_ids = image_ids[: args.max_eval_images]
+            captions = [c for c, k in zip(captions, keep.tolist()) if k]
+            caption_image = caption_image[keep]
+        return train, (image_ids, captions, caption_image), None
+    refs = {split: split_file(data_dir, "refs", split, (".json", ".jsonl"))
+            for split in (args.train_split, args.val_split)}
+    train = None if args.eval_only else ReferringDataset(load_refs(refs[args.train_split]), store, tokenizer, **common)
+    return train, ReferringDataset(load_refs(refs[args.val_split]), store, tokenizer, **common), None
+
+
+def task_targets(task, batch):
+    """The task model's label arguments from a collated batch."""
+    if task == "vqa":
+        return {"answer_scores": batch["answer_scores"]}
+    if task == "referring":
+        return {"region_scores": batch["region_scores"]}
+    groups = batch["input_ids"].shape[0] // NUM_CHOICES
+    # Choice 0 of every group is the positive (RetrievalTrainDataset).
+    return {"choice_labels": torch.zeros(groups, dtype=torch.long, device=batch["input_ids"].device)}
+
+
+@torch.no_grad()
+def batch_hits(task, logits, batch):
+    """Per-example training metric: VQA score, referring hit, or whether the positive won the 4-way choice."""
+    if task == "vqa":
+        return vqa_score_from_logits(logits.float(), batch["answer_scores"])
+    if task == "referring":
+        return referring_hits(logits.float(), batch)
+    return (logits.view(-1, NUM_CHOICES).argmax(dim=1) == 0).float()  # (groups,)
+
+
+def evaluate(args, model, val, store, tokenizer, device):
+    """The task's metrics on the val split (rank 0), as a flat dict of floats."""
+    if args.task == "retrieval":
+        image_ids, captions, caption_image = val
+        score_fn = alignment_score(model) if args.zero_shot else retrieval_score(model)
+        model.eval()
+        scores = score_all_pairs(score_fn, store, tokenizer, image_ids, captions, image_chunk=args.eval_batch_size,
+                                 max_text_len=MAX_TEXT_LEN["retrieval"], max_regions=args.max_regions, device=device)
+        recall = retrieval_recall(scores, caption_image)
+        for line in summarize_recall(recall):
+            print(f"finetune.py: {line}", flush=True)
+        return {f"{direction}_R@{k}": value for direction, by_k in recall.items() for k, value in by_k.items()} | {
+            "num_images": len(image_ids), "num_captions": len(captions)}
+    loader = DataLoader(val, batch_size=args.eval_batch_size, collate_fn=TaskCollator(), num_workers=args.num_workers)
+    return evaluate_batches(args.task, model, loader, device)
+
+
+def main(argv=None):
+    # `python train/finetune.py` without the launcher: a world of one.
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29501")):
+        os.environ.setdefault(key, value)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    on_gpu = get_accelerator().device_name() != "cpu"
+    try:
+        args = parse_args(argv)
+        ds_config, device_note = load_ds_config(args.deepspeed_config, world_size, on_gpu)
+        if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+            raise UsageError(f"{args.deepspeed_config}: ZeRO-3 is not supported by finetune.py; use stage 0-2")
+        if args.vocab_file is not None and not os.path.isfile(args.vocab_file):
+            raise UsageError(f"--vocab_file {args.vocab_file!r} does not exist")
+        tokenizer = load_tokenizer(args.vocab_file)
+        # The config comes from the checkpoint directory, else from --model (fresh weights or an official .bin).
+        config = (build_config(args.model, tokenizer.vocab_size) if args.init is None or not os.path.isdir(args.init)
+                  else None)
+        if args.data is not None and not os.path.isdir(args.data):
+            raise UsageError(f"--data {args.data!r} is not a directory")
+    except UsageError as e:
+        if rank == 0:
+            print(f"finetune.py: error: {e}", file=sys.stderr)
+        return 2
+    args.backend = args.backend or ("triton" if on_gpu else "torch")
+
+    deepspeed.init_distributed()
+    if on_gpu:
+        get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
+    if rank == 0:
+        print(f"finetune.py: task {args.task}, {device_note}, {world_size} rank(s), backend {args.backend}", flush=True)
+        data_dir = args.data or ensure_synthetic_tasks()
+    dist.barrier()  # rank 0 wrote the built-in tasks (if needed) before the others read them
+    data_dir = args.data or ensure_synthetic_tasks()
+    try:
+        store = open_store(args.features or os.path.join(data_dir, FEATURES_DIR))
+        train, val, vocab = build_datasets(args, data_dir, store, tokenizer)
+        micro = ds_config["train_micro_batch_size_per_gpu"]
+        if train is not None and len(train) < micro * world_size:
+            raise UsageError(f"the train split has {len(train)} examples, fewer than one micro batch per rank "
+                             f"({micro} x {world_size} ranks)")
+        torch.manual_seed(args.seed)  # the same initial head weights on every rank
+        if args.zero_shot:
+            model = load_alignment_model(args.init, backend=args.backend)
+        else:
+            model = load_task_model(args.task, args.init, config, backend=args.backend,
+                                    num_answers=None if vocab is None else len(vocab), require_head=args.eval_only)
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        if rank == 0:
+            print(f"finetune.py: error: {e}", file=sys.stderr)
+        return 2
+    device = (torch.device(get_accelerator().device_name(), int(os.environ["LOCAL_RANK"])) if on_gpu
+              else torch.device("cpu"))
+    os.makedirs(args.output_dir, exist_ok=True)
+    metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if rank == 0 else None
+
+    if not args.eval_only:
+        model = train_model(args, model, train, ds_config, metrics_file, rank, world_size)
+        if rank == 0:
+            final = os.path.join(args.output_dir, "final")
+            model.save_pretrained(final)
+            if vocab is not None:
+                vocab.save(os.path.join(final, "answers.json"))
+            print(f"finetune.py: weights in {final}", flush=True)
+
+    if rank == 0:
+        model.to(device)
+        start = time.perf_counter()
+        record = {"eval": args.val_split, "task": args.task, "init": args.init, "zero_shot": args.zero_shot,
+                  **evaluate(args, model, val, store, tokenizer, device)}
+        record["eval_seconds"] = time.perf_counter() - start
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.close()
+        print(f"finetune.py: eval {json.dumps(record)}", flush=True)
+    dist.barrier()
+    return 0
+
+
+def train_model(args, model, train, ds_config, metrics_file, rank, world_size):
+    """The DeepSpeed loop: forward -> backward -> step, a metrics line every --log_interval steps; returns the
+    trained module."""
+    global_batch, micro = ds_config["train_batch_size"], ds_config["train_micro_batch_size_per_gpu"]
+    accumulation = global_batch // (micro * world_size)
+    max_steps = args.max_steps or max(1, int(args.epochs * (len(train) // (micro * world_size))) // accumulation)
+    fill_schedule(ds_config, max_steps)
+    weight_decay = ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
+    args.deepspeed_config = None  # the checked dict is passed instead (initialize refuses both)
+    engine, _, _, _ = deepspeed.initialize(args=args, model=model, config=ds_config,
+                                           model_parameters=param_groups(model, weight_decay))
+    torch.manual_seed(args.seed + rank)  # per-rank dropout streams
+    device = engine.device
+    step, epoch = 0, 0
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum over micro steps, hits, examples
+    micro_steps, start = 0, time.perf_counter()
+    while step < max_steps:
+        if isinstance(train, RetrievalTrainDataset):
+            train.set_epoch(epoch)  # its negatives are drawn per (seed, epoch, index)
+        sampler = ResumableSampler(len(train), seed=args.seed, rank=rank, world_size=world_size, micro_batch_size=micro)
+        sampler.set_epoch(epoch)
+        loader = DataLoader(train, batch_sampler=sampler, collate_fn=TaskCollator(), num_workers=args.num_workers)
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = engine(**model_inputs(batch), **task_targets(args.task, batch))
+            engine.backward(out.loss)
+            engine.step()
+            hits = batch_hits(args.task, out.logits.detach(), batch)
+            sums += torch.stack([out.loss.detach().double(), hits.sum().double(),
+                                 torch.tensor(float(len(hits)), dtype=torch.float64, device=device)])
+            micro_steps += 1
+            if engine.global_steps == step:
+                continue  # still accumulating gradients
+            step = engine.global_steps
+            if step % args.log_interval == 0 or step == max_steps:
+                dist.all_reduce(sums)
+                record = {"step": step, "epoch": epoch, "lr": engine.get_lr()[0],
+                          "loss": (sums[0] / (micro_steps * world_size)).item(),
+                          "train_metric": (sums[1] / sums[2]).item(),
+                          "seconds": time.perf_counter() - start}
+                if rank == 0:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    print(f"finetune.py: {json.dumps(record)}", flush=True)
+                sums.zero_()
+                micro_steps = 0
+            if step >= max_steps:
+                break
+        epoch += 1
+    return engine.module
+
+
+if __name__ == "__main__":
+    sys.exit(main())
