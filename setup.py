@@ -19,7 +19,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["vilbert", "vilbert.*"]) + kernel_packages,
     package_dir={"vilbert_kernels": "kernels"},
-    package_data={"vilbert": ["data/*.txt", "presets/*.json"]},
+    package_data={"vilbert": ["data/*.txt"]},
     install_requires=[
         "torch>=2.4",
         # The GPU image runs triton 3.6.0; kernels are checked against it.

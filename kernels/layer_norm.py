@@ -185,11 +185,14 @@ def _layer_norm_bwd_kernel(
                 c_xhat += tl.sum(wdy * xhat, axis=1)
                 c_one += tl.sum(wdy, axis=1)
                 in_row = tile < C
-                adds = in_row & (row_block > pid)  # the program's first row block starts the sums (not zeroed)
                 dw = DW_PARTIAL + pid * C + tile
                 db = DB_PARTIAL + pid * C + tile
-                tl.store(dw, tl.load(dw, mask=adds, other=0.0) + tl.sum(dy * xhat, axis=0), mask=in_row)
-                tl.store(db, tl.load(db, mask=adds, other=0.0) + tl.sum(dy, axis=0), mask=in_row)
+                # The program's first row block starts the sums: the buffers are not zeroed, what they held is dropped.
+                started = row_block > pid
+                dw_sum = tl.where(started, tl.load(dw, mask=in_row, other=0.0), 0.0)
+                db_sum = tl.where(started, tl.load(db, mask=in_row, other=0.0), 0.0)
+                tl.store(dw, dw_sum + tl.sum(dy * xhat, axis=0), mask=in_row)
+                tl.store(db, db_sum + tl.sum(dy, axis=0), mask=in_row)
             c_xhat /= C
             c_one /= C
             for start in range(0, C, TILE_C):
