@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from .kernel_spec import KernelSpec
+from .launch import draw_seed
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): the kernels work in base 2
 LN2 = tl.constexpr(0.6931471805599453)
@@ -515,13 +516,6 @@ def _co_attention_autograd(ctx, text_dout, image_dout, text_dlse, image_dlse):
 co_attention_forward.register_autograd(_co_attention_autograd, setup_context=_co_attention_setup_context)
 
 
-def _draw_seed(dropout_p: float) -> Tensor:
-    """The Philox seed, a CPU int64 tensor (1,) from torch's default generator; zero without dropout (no draw)."""
-    if dropout_p > 0.0:
-        return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
-    return torch.zeros(1, dtype=torch.int64)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Public functions and their input checks
 # ----------------------------------------------------------------------------------------------------------------------
@@ -634,7 +628,7 @@ def attention(q, k, v, q_lens=None, kv_lens=None, dropout_p=0.0, softmax_scale=N
     _check_lens("q_lens", q_lens, q.shape[0], q.device)
     _check_lens("kv_lens", kv_lens, q.shape[0], q.device)
     dropout_p, softmax_scale = _check_dropout_and_scale(dropout_p, softmax_scale, q.shape[3])
-    out, _ = attention_forward(q, k, v, q_lens, kv_lens, dropout_p, softmax_scale, _draw_seed(dropout_p))
+    out, _ = attention_forward(q, k, v, q_lens, kv_lens, dropout_p, softmax_scale, draw_seed(dropout_p))
     return out
 
 
@@ -670,7 +664,7 @@ def co_attention(text_q, text_k, text_v, image_q, image_k, image_v, text_lens=No
     _check_lens("image_lens", image_lens, text_q.shape[0], text_q.device)
     dropout_p, softmax_scale = _check_dropout_and_scale(dropout_p, softmax_scale, text_q.shape[3])
     text_out, image_out, _, _ = co_attention_forward(text_q, text_k, text_v, image_q, image_k, image_v, text_lens,
-                                                     image_lens, dropout_p, softmax_scale, _draw_seed(dropout_p))
+                                                     image_lens, dropout_p, softmax_scale, draw_seed(dropout_p))
     return text_out, image_out
 
 

@@ -27,12 +27,14 @@ is used in its own dtype (an fp32 bias does not promote the output to fp32, as `
 
 Layout legend: N rows (all leading dims flattened), C columns.
 """
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .kernel_spec import KernelSpec
+from .launch import as_rows, max_partial_sum_programs
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -99,21 +101,6 @@ def _launch_config(C):
     return BLOCK_C, BLOCK_ROWS, num_warps
 
 
-@functools.lru_cache(maxsize=None)
-def _max_backward_row_programs(device):
-    """How many programs per column tile the backward starts at most (each writes one row of dbias partial sums)."""
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: a few programs still exercise the partial-sum reduction
-
-
-def _as_rows(t, C):
-    """(..., C) -> (N, C) with a unit column stride and any row stride; copies only when no such view exists."""
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    return t.reshape(-1, C)  # (N, C)
-
-
 def _launch_bias_gelu_fwd(x, bias):
     """x: (N, C) rows. Returns y (N, C) in x's dtype."""
     N, C = x.shape
@@ -129,7 +116,7 @@ def _launch_bias_gelu_bwd(dy, x, bias):
     """dy, x: (N, C) rows. Returns dx (N, C) in x's dtype, dbias (C,) fp32."""
     N, C = x.shape
     BLOCK_C, BLOCK_ROWS, num_warps = _launch_config(C)
-    num_row_programs = min(triton.cdiv(N, BLOCK_ROWS), _max_backward_row_programs(x.device))
+    num_row_programs = min(triton.cdiv(N, BLOCK_ROWS), max_partial_sum_programs(x.device))
     dx = torch.empty((N, C), dtype=x.dtype, device=x.device)
     dbias_partial = torch.empty((num_row_programs, C), dtype=torch.float32, device=x.device)
     if num_row_programs > 0:
@@ -148,7 +135,7 @@ def _launch_bias_gelu_bwd(dy, x, bias):
 @torch.library.custom_op("vilbert_kernels::bias_gelu_fwd", mutates_args=())
 def bias_gelu_fwd(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """x: (..., C). Returns y (..., C) in x's dtype."""
-    return _launch_bias_gelu_fwd(_as_rows(x, x.shape[-1]), bias).view(x.shape)
+    return _launch_bias_gelu_fwd(as_rows(x, x.shape[-1]), bias).view(x.shape)
 
 
 @bias_gelu_fwd.register_fake
@@ -160,7 +147,7 @@ def _(x, bias):
 def bias_gelu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """dy, x: (..., C). Returns dx (..., C) in x's dtype, dbias (C,) fp32."""
     C = x.shape[-1]
-    dx, dbias = _launch_bias_gelu_bwd(_as_rows(dy, C), _as_rows(x, C), bias)
+    dx, dbias = _launch_bias_gelu_bwd(as_rows(dy, C), as_rows(x, C), bias)
     return dx.view(x.shape), dbias
 
 
@@ -229,10 +216,6 @@ def bias_gelu(x, bias):
 def sm90_specs():
     """The launch configurations `bias_gelu` uses at C = 768, 1024, 3072 and 8192 (one tile for all), per dtype
     (bias in x's dtype; another bias dtype changes only one load)."""
-    # Imported here: the package imports this module, and `python -m vilbert_kernels.compile_check` warns when the
-    # package has already imported compile_check.
-    from .compile_check import KernelSpec
-
     specs = []
     pointer = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
     for BLOCK_C, BLOCK_ROWS, num_warps in sorted({_launch_config(C) for C in (768, 1024, 3072, 8192)}):

@@ -36,7 +36,6 @@ nothing from a fp32 output.)
 
 Layout legend: N rows (all leading dims flattened), C hidden size.
 """
-import functools
 import math
 import numbers
 import os
@@ -45,6 +44,9 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from .kernel_spec import KernelSpec
+from .launch import as_rows, draw_seed, max_partial_sum_programs
 
 MAX_C = 8192  # the forward holds a whole row in registers; wider rows would spill
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -218,21 +220,6 @@ def _launch_config(C):
     return BLOCK_C, BLOCK_ROWS, num_warps, min(BLOCK_C, 4096)
 
 
-@functools.lru_cache(maxsize=None)
-def _max_backward_programs(device):
-    """How many programs the backward starts at most (each writes one row of dweight / dbias partial sums)."""
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: a few programs still exercise the partial-sum reduction
-
-
-def _as_rows(t, C):
-    """(..., C) -> (N, C) with a unit column stride and any row stride; copies only when no such view exists."""
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    return t.reshape(-1, C)  # (N, C)
-
-
 def _stores_z(residual, dropout_p):
     """Whether the forward stores the pre-norm sum z (otherwise z is x)."""
     return residual is not None or dropout_p > 0.0
@@ -261,7 +248,7 @@ def _launch_layer_norm_bwd(dy, z, weight, mean, rstd, has_residual, dropout_p, s
     """dy, z: (N, C) rows. Returns dx (N, C), dresidual (N, C) or None, dweight / dbias (C,) fp32."""
     N, C = z.shape
     BLOCK_C, BLOCK_ROWS, num_warps, TILE_C = _launch_config(C)
-    num_programs = min(triton.cdiv(N, BLOCK_ROWS), _max_backward_programs(z.device))
+    num_programs = min(triton.cdiv(N, BLOCK_ROWS), max_partial_sum_programs(z.device))
     dx = torch.empty((N, C), dtype=z.dtype, device=z.device)
     dresidual = torch.empty((N, C), dtype=z.dtype, device=z.device) if has_residual else None
     dw_partial = torch.empty((num_programs, C), dtype=torch.float32, device=z.device)
@@ -291,14 +278,6 @@ def _dropout_keep_mask(n_rows, C, dropout_p, seed, device):
 # pure function of its inputs and the backward regenerates the forward's mask from the same seed.
 
 
-def _draw_seed(dropout_p):
-    """The Philox seed, a CPU int64 tensor (1,) from torch's default CPU generator (torch.manual_seed reproduces it; no
-    device sync); zero without dropout (no draw)."""
-    if dropout_p > 0.0:
-        return torch.randint(2**31, (1,), dtype=torch.int64)
-    return torch.zeros(1, dtype=torch.int64)
-
-
 @torch.library.custom_op("vilbert_kernels::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                    residual: Optional[torch.Tensor], dropout_p: float,
@@ -306,8 +285,8 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
     """x, residual: (..., C); seed: CPU int64 (1,). Returns y (..., C); z (..., C), or (0,) when nothing is fused (the
     backward then reads x: an op output may not alias an input); mean, rstd (N,) fp32."""
     C = x.shape[-1]
-    residual_rows = None if residual is None else _as_rows(residual, C)  # (N, C)
-    y, z, mean, rstd = _launch_layer_norm_fwd(_as_rows(x, C), weight, bias, eps, residual_rows, dropout_p, int(seed))
+    residual_rows = None if residual is None else as_rows(residual, C)  # (N, C)
+    y, z, mean, rstd = _launch_layer_norm_fwd(as_rows(x, C), weight, bias, eps, residual_rows, dropout_p, int(seed))
     z = z.view(x.shape) if _stores_z(residual, dropout_p) else x.new_empty((0,))
     return y.view(x.shape), z, mean, rstd
 
@@ -326,7 +305,7 @@ def layer_norm_bwd(dy: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, mean
     """dy, z: (..., C) (z: the saved pre-norm sum, or x). Returns dx (..., C); dresidual (..., C), or (0,) without a
     residual; dweight, dbias (C,) fp32."""
     C = z.shape[-1]
-    dx, dresidual, dweight, dbias = _launch_layer_norm_bwd(_as_rows(dy, C), _as_rows(z, C), weight, mean, rstd,
+    dx, dresidual, dweight, dbias = _launch_layer_norm_bwd(as_rows(dy, C), as_rows(z, C), weight, mean, rstd,
                                                            has_residual, dropout_p, int(seed))
     dresidual = dresidual.view(z.shape) if has_residual else z.new_empty((0,))
     return dx.view(z.shape), dresidual, dweight, dbias
@@ -421,17 +400,13 @@ def layer_norm(x, weight, bias, eps=1e-12, residual=None, dropout_p=0.0):
     x, residual = _autocast(x, residual)
     _validate(x, weight, bias, eps, residual, dropout_p)
     dropout_p = float(dropout_p)
-    y, _, _, _ = layer_norm_fwd(x, weight, bias, float(eps), residual, dropout_p, _draw_seed(dropout_p))
+    y, _, _, _ = layer_norm_fwd(x, weight, bias, float(eps), residual, dropout_p, draw_seed(dropout_p))
     return y
 
 
 def sm90_specs():
     """The launch configurations `layer_norm` uses at C = 768, 1024, 3072 and 8192, per dtype, plain and with residual +
     dropout (weight and bias in x's dtype; other parameter dtypes change only two loads)."""
-    # Imported here: the package imports this module, and `python -m vilbert_kernels.compile_check` warns when the
-    # package has already imported compile_check.
-    from .compile_check import KernelSpec
-
     specs = []
     pointer = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
     for BLOCK_C, BLOCK_ROWS, num_warps, TILE_C in sorted({_launch_config(C) for C in (768, 1024, 3072, 8192)}):

@@ -37,3 +37,15 @@ def seed(request):
     torch.manual_seed(value)
     print(f"seed={value}")
     return value
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Every floating torch.empty comes back full of NaN, so a value a kernel fails to write shows up."""
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)

@@ -5,8 +5,6 @@ the `gpu` tests. Every buffer the kernels write starts as NaN (`poisoned_empty`)
 write shows up. Seeds come from the `seed` fixture (fresh each run, printed on failure).
 """
 import contextlib
-import os
-import subprocess
 import sys
 
 import pytest
@@ -417,17 +415,8 @@ def test_public_names_are_exported():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# sm_90 compile check and GPU
+# GPU
 # ----------------------------------------------------------------------------------------------------------------------
-
-@pytest.mark.slow  # ~2 minutes on a loaded CPU; tests/test_compile_check.py already compiles every module by default
-def test_attention_kernels_compile_for_sm90_without_spills():
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "vilbert_kernels.compile_check", "--modules", "attention"],
-                          env=env, capture_output=True, text=True, timeout=900)
-    print(proc.stdout)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
 
 def _max_errors(fn, inputs, grad_outs, reference_fn):
     """Max abs errors of fn's outputs and input gradients (inputs in their low precision) vs reference_fn in float64."""

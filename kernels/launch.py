@@ -1,0 +1,27 @@
+"""Small helpers shared by the ops' launchers."""
+import functools
+
+import torch
+
+
+def as_rows(t: torch.Tensor, C: int) -> torch.Tensor:
+    """(..., C) -> (N, C) with a unit column stride and any row stride; copies only when no such view exists."""
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t.reshape(-1, C)  # (N, C)
+
+
+@functools.lru_cache(maxsize=None)
+def max_partial_sum_programs(device: torch.device) -> int:
+    """How many programs a backward that reduces over rows starts at most (each writes one row of partial sums)."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few programs still exercise the partial-sum reduction
+
+
+def draw_seed(dropout_p: float) -> torch.Tensor:
+    """The Philox seed of one dropout op: a CPU int64 tensor (1,) from torch's default CPU generator, so
+    torch.manual_seed reproduces it and reading it is no device sync; zero without dropout (no draw)."""
+    if dropout_p > 0.0:
+        return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+    return torch.zeros(1, dtype=torch.int64)
