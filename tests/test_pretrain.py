@@ -3,10 +3,12 @@
 Each run is a `deepspeed --num_gpus N train/pretrain.py` subprocess on the tiny model and a small synthetic store, with
 `--log_interval 1` (a metrics line per optimizer step) and `--log_samples` (the dataset indices of every step per
 rank). DeepSpeed counts CPU "devices" from LOCAL_SIZE, so it is set to the rank count: the runs really use N ranks.
-The default run holds one 2-rank run matched against a single process and one SIGTERM resume; the rest is `-m slow`.
+The default run holds one 2-rank run matched against a single process, one SIGTERM resume and a 3-step single-stream
+run; the rest is `-m slow`.
 """
 import importlib.util
 import json
+import math
 import os
 import signal
 import socket
@@ -17,7 +19,7 @@ import types
 
 import pytest
 
-from vilbert import ViLBERTConfig, ViLBERTForPretraining
+from vilbert import SingleStreamForPretraining, ViLBERTConfig, ViLBERTForPretraining
 from vilbert.data import write_synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,6 +167,20 @@ def test_two_ranks_match_one_rank(request, tmp_path, store, stage):
     # The export holds the trained weights, consolidated from the shards.
     exported = ViLBERTForPretraining.from_pretrained(two / "final").state_dict()
     assert all(t.numel() > 0 for t in exported.values())
+
+
+# ---- the single-stream baseline ------------------------------------------------------------------------------------
+def test_single_stream_architecture_trains_and_exports(tmp_path, store):
+    output = run(1, tmp_path, "--data", store, "--model", model_config(tmp_path, dropout=0.1), "--max_steps", "3",
+                 "--deepspeed_config", ds_config(tmp_path), "--architecture", "single-stream")
+    assert "backend torch, single-stream" in output
+    for name in ("loss", "mlm_loss", "region_loss", "align_loss"):
+        assert all(math.isfinite(x) for x in losses(tmp_path, name)), name
+    assert all(metrics(tmp_path)[s]["tflops"] > 0 for s in (1, 2, 3))
+    exported = SingleStreamForPretraining.from_pretrained(tmp_path / "final")
+    assert all(math.isfinite(float(t.abs().sum())) for t in exported.state_dict().values())
+    with pytest.raises(ValueError, match="does not fit ViLBERTForPretraining"):  # the export really is single-stream
+        ViLBERTForPretraining.from_pretrained(tmp_path / "final")
 
 
 # ---- resume --------------------------------------------------------------------------------------------------------

@@ -31,7 +31,11 @@ states restored (same world size; --no_resume starts over).
 
 output_dir: global_step<N>/ (DeepSpeed checkpoints; the last --keep_last kept), `latest` (the newest complete one,
 replaced atomically after every rank has written its part), metrics.jsonl, final/ (`save_pretrained` of the fp32
-weights, consolidated from the ZeRO shards; load with ViLBERTForPretraining.from_pretrained).
+weights, consolidated from the ZeRO shards; load with ViLBERTForPretraining.from_pretrained, or
+SingleStreamForPretraining.from_pretrained after --architecture single-stream).
+
+--architecture single-stream trains the paper's single-stream baseline (SingleStreamForPretraining: one BERT over the
+text tokens and the projected regions, the same heads, losses, data and schedule) for a like-for-like comparison.
 
 metrics.jsonl, one line per --log_interval steps, averaged over the window and all ranks: step, samples (global),
 epoch, lr, loss (= mlm_loss + region_loss + align_loss), mlm_acc (over masked tokens), align_acc, samples_per_s,
@@ -58,11 +62,12 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from vilbert import ViLBERTConfig, ViLBERTForPretraining
+from vilbert import SingleStreamForPretraining, ViLBERTConfig, ViLBERTForPretraining
 from vilbert.data import (IGNORE_INDEX, PretrainCollator, PretrainDataset, ResumableSampler, ensure_default_data,
                           load_tokenizer, open_store)
 
 METRIC_NAMES = ("loss", "mlm_loss", "region_loss", "align_loss")
+ARCHITECTURES = {"two-stream": ViLBERTForPretraining, "single-stream": SingleStreamForPretraining}
 
 
 class UsageError(Exception):
@@ -73,6 +78,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", help="feature store path (default: the built-in synthetic data)")
     parser.add_argument("--model", default="small", help="config preset name or config JSON path (default: small)")
+    parser.add_argument("--architecture", choices=tuple(ARCHITECTURES), default="two-stream",
+                        help="ViLBERT (two-stream, default) or the paper's single-stream baseline")
     parser.add_argument("--init_bert", help="BERT checkpoint dir for the text stream")
     parser.add_argument("--vocab_file", help="WordPiece vocab.txt (default: <init_bert>/vocab.txt if there, else the "
                                              "vocab of the built-in data)")
@@ -240,16 +247,24 @@ def gather_objects(obj):
     return objects
 
 
-def train_flops(config, text_lens, image_lens, num_mlm_targets):
+def train_flops(config, text_lens, image_lens, num_mlm_targets, architecture="two-stream"):
     """Analytic training FLOPs of one micro batch: 6 per multiply-add of every matmul (2 forward, 4 backward).
 
     Counted from the config per real (unpadded) token and region: each layer's projections and FFN (the weights a
     position touches) and its attention matmuls (scores and context: 2 x length x width per query); the image
     embedding; the region head on every region and the MLM head on its targets only (as the model computes it).
-    Padding, softmax, LayerNorm, GELU and the poolers are left out (no matmuls or negligible).
+    Padding, softmax, LayerNorm, GELU and the poolers are left out (no matmuls or negligible). Single-stream: the
+    text layers run over tokens and regions together, at the text width.
     """
     c = config
     t, v = text_lens.double(), image_lens.double()
+    if architecture == "single-stream":
+        h = c.hidden_size
+        per_position = c.num_hidden_layers * (4 * h ** 2 + 2 * h * c.intermediate_size)
+        per_region = (c.v_feature_size + 5) * h + h ** 2 + h * c.v_target_size
+        attention = 2 * c.num_hidden_layers * h * (t + v) ** 2
+        mlm_head = num_mlm_targets * (h ** 2 + h * c.vocab_size)
+        return 6 * float(((t + v) * per_position + v * per_region + attention).sum() + mlm_head)
     co = len(c.v_biattention_id)  # co-layers
     per_token = (c.num_hidden_layers * (4 * c.hidden_size ** 2 + 2 * c.hidden_size * c.intermediate_size)
                  + co * (4 * c.hidden_size * c.bi_hidden_size + 2 * c.hidden_size * c.intermediate_size))
@@ -331,7 +346,8 @@ def main(argv=None):
     if on_gpu:
         get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
     if rank == 0:
-        print(f"pretrain.py: {device_note}, {world_size} rank(s), backend {args.backend}", flush=True)
+        print(f"pretrain.py: {device_note}, {world_size} rank(s), backend {args.backend}, {args.architecture}",
+              flush=True)
     stop = {"signal": None}  # set by SIGTERM/SIGINT on this rank; all ranks act on it at the next step boundary
 
     def request_stop(signum, _frame):
@@ -357,7 +373,8 @@ def main(argv=None):
 
     # Same initial weights on every rank (DeepSpeed also broadcasts rank 0's), then per-rank dropout streams.
     torch.manual_seed(args.seed)
-    model = ViLBERTForPretraining(config, backend=args.backend)
+    model_class = ARCHITECTURES[args.architecture]
+    model = model_class(config, backend=args.backend)
     if args.init_bert:
         model.load_bert(args.init_bert)
     weight_decay = ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
@@ -407,7 +424,7 @@ def main(argv=None):
                             generator=torch.Generator().manual_seed(args.seed + epoch))
         for indices, batch in loader:
             flops = train_flops(config, batch["text_lens"], batch["image_lens"],
-                                int((batch["mlm_labels"] != IGNORE_INDEX).sum()))
+                                int((batch["mlm_labels"] != IGNORE_INDEX).sum()), args.architecture)
             batch = {k: t.to(device, non_blocking=True) for k, t in batch.items()}
             for key in ("image_features", "image_locations"):  # the model's inputs in its dtype (bf16 on GPUs)
                 batch[key] = batch[key].to(input_dtype)
@@ -476,7 +493,7 @@ def main(argv=None):
             state = get_fp32_state_dict_from_zero_checkpoint(args.output_dir, tag=f"global_step{step}")
         else:
             state = {name: t.float() for name, t in engine.module.state_dict().items()}
-        export = ViLBERTForPretraining(config, backend="torch")
+        export = model_class(config, backend="torch")
         export.load_state_dict(state)
         export.save_pretrained(final)
         print(f"pretrain.py: done, {step} steps; weights in {final}")
