@@ -274,6 +274,21 @@ def add_speedups(rows: List[dict], baselines: Iterable[str] = ("reference", "sdp
                     ours[f"speedup_vs_{other['provider']}"] = round(other["ms_p50"] / ours["ms_p50"], 3)
 
 
+def skip_reason(name: str, compiled: bool, needs_gpu: bool, on_gpu: bool, options: "Options",
+                budget: "Budget") -> Optional[str]:
+    """Why a provider is not run here (None: run it): the time budget, or a GPU-only provider on the CPU."""
+    if budget.spent():
+        return budget.reason
+    if not on_gpu:
+        if name == OURS and not options.interpret:
+            return "Triton kernels need a CUDA GPU (pass --interpret to run them in Triton's interpreter on the CPU)"
+        if needs_gpu and name != OURS:
+            return "needs a CUDA GPU"
+        if compiled and not options.cpu_compile:
+            return "torch.compile provider: GPU only (on the CPU pass --cpu-compile; it takes minutes)"
+    return None
+
+
 class Budget:
     """Wall-clock budget of a suite: once spent, the remaining cases are reported skipped, not silently dropped."""
 

@@ -540,18 +540,10 @@ def run_case(results, case: Case, group: List[Provider], dtype, options, budget,
 
 def skip_reason(provider: Provider, case: Case, on_gpu: bool, options: common.Options,
                 budget: common.Budget) -> Optional[str]:
-    if budget.spent():
-        return budget.reason
-    if not on_gpu:
-        if provider.name == OURS and not options.interpret:
-            return "Triton kernels need a CUDA GPU (pass --interpret to run them in Triton's interpreter on the CPU)"
-        if provider.needs_gpu and provider.name != OURS:
-            return "needs a CUDA GPU"
-        if provider.compiled and not options.cpu_compile:
-            return "torch.compile provider: GPU only (on the CPU pass --cpu-compile; it takes minutes)"
-    if case.dropout_p > 0 and not provider.supports_dropout:
+    reason = common.skip_reason(provider.name, provider.compiled, provider.needs_gpu, on_gpu, options, budget)
+    if reason is None and case.dropout_p > 0 and not provider.supports_dropout:
         return f"{provider.name} has no dropout (dropout_p={case.dropout_p})"
-    return provider.unavailable(case)
+    return reason
 
 
 def run_provider(provider: Provider, case: Case, inputs: Inputs, truth, verdicts: dict, ceilings: dict,

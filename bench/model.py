@@ -141,7 +141,7 @@ def run(results: common.Results, options: common.Options, budget: common.Budget,
     common.raise_recompile_limit()
     for name in names:
         backend, compiled = BACKENDS[name]
-        reason = skip_reason(name, compiled, on_gpu, options, budget)
+        reason = common.skip_reason(name, compiled, False, on_gpu, options, budget)
         shape = {"preset": preset, "B": B, "T": T, "V": V}
         if reason:
             results.add(common.skipped_row(reason, provider=name, shape=shape, **base))
@@ -176,16 +176,6 @@ def build(model_class, config, backend: str, template, dtype):
         model.load_state_dict(template.state_dict())
     return model.to(dtype).train()
 
-
-def skip_reason(name, compiled, on_gpu, options, budget) -> Optional[str]:
-    if budget.spent():
-        return budget.reason
-    if not on_gpu:
-        if name == OURS and not options.interpret:
-            return "Triton kernels need a CUDA GPU (pass --interpret to run them in Triton's interpreter on the CPU)"
-        if compiled and not options.cpu_compile:
-            return "torch.compile provider: GPU only (on the CPU pass --cpu-compile; it takes minutes)"
-    return None
 
 
 def eval_outputs(model, batch, dtype) -> dict:

@@ -171,7 +171,8 @@ def run(results: common.Results, options: common.Options, budget: common.Budget,
             base = dict(op=case.op, shape=case.shape(), dtype=common.DTYPE_NAMES[dtype], dropout_p=case.dropout_p)
             tensors = truth = None
             for provider in (p for p in group if case.op in p.ops):
-                reason = skip_reason(provider, on_gpu, options, budget)
+                reason = common.skip_reason(provider.name, provider.compiled, provider.needs_gpu, on_gpu, options,
+                                            budget)
                 if reason:
                     for mode in common.MODES:
                         results.add(common.skipped_row(reason, mode=mode, provider=provider.name, **base))
@@ -189,18 +190,6 @@ def run(results: common.Results, options: common.Options, budget: common.Budget,
                                      names.index(r["provider"]), common.MODES.index(r["mode"])))
     common.add_speedups(results.rows, SPEEDUP_BASELINES)
 
-
-def skip_reason(provider: Provider, on_gpu: bool, options: common.Options, budget: common.Budget) -> Optional[str]:
-    if budget.spent():
-        return budget.reason
-    if not on_gpu:
-        if provider.name == OURS and not options.interpret:
-            return "Triton kernels need a CUDA GPU (pass --interpret to run them in Triton's interpreter on the CPU)"
-        if provider.needs_gpu and provider.name != OURS:
-            return "needs a CUDA GPU"
-        if provider.compiled and not options.cpu_compile:
-            return "torch.compile provider: GPU only (on the CPU pass --cpu-compile; it takes minutes)"
-    return None
 
 
 def run_provider(provider, case, tensors, dout, truth, verdicts, ceilings, quick, dtype) -> List[dict]:
