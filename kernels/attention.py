@@ -359,6 +359,8 @@ def _common_args(directions, lens_a, lens_b, dropout_p, softmax_scale, seed):
     q, k, _ = directions[0]
     _, l_a, num_heads, head_dim = q.shape
     l_b = k.shape[1]
+    # The kernels index lengths as lens[b]: an expanded (stride-0) or sliced lengths tensor must be made dense.
+    lens_a, lens_b = (None if lens is None else lens.contiguous() for lens in (lens_a, lens_b))
     args = [lens_a, lens_b, *_strides(directions), l_a, l_b, num_heads, softmax_scale, dropout_p, seed]
     meta = dict(HAS_LENS_A=lens_a is not None, HAS_LENS_B=lens_b is not None, DROPOUT=dropout_p > 0.0,
                 HEAD_DIM=head_dim, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")

@@ -223,6 +223,21 @@ def test_co_attention_equals_two_attention_calls(device, seed, T, V, D, text_len
     assert_rel_close(image_out, reference_attention(iq, tk, tv, image_lens, text_lens), 1e-4, "image_out")
 
 
+def test_strided_lengths_read_as_their_values(device, seed):
+    """Lengths given as an expanded (stride 0) or strided view: the kernels must read lens[b], not memory b."""
+    B, T, V, H, D = 4, 7, 11, 1, 16
+    text = [torch.randn(B, T, H, D, device=device) for _ in range(3)]
+    image = [torch.randn(B, V, H, D, device=device) for _ in range(3)]
+    text_lens = torch.tensor([3], device=device).expand(B)  # stride 0
+    image_lens = torch.tensor([9, -1, 2, -1, 5, -1, 11, -1], device=device)[::2]  # stride 2
+    dense = co_attention(*text, *image, text_lens.clone(), image_lens.clone())
+    strided = co_attention(*text, *image, text_lens, image_lens)
+    for out, expected in zip(strided, dense):
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(attention(*text, text_lens, text_lens), attention(*text, text_lens.clone(),
+                                                                               text_lens.clone()), rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Dropout
 # ----------------------------------------------------------------------------------------------------------------------
