@@ -2,22 +2,27 @@
 
 The fine-tunes run `finetune.main` in this process (a world of one over gloo) on the tiny model and a tiny built-in
 task set. The default run checks the whole path per task in a few steps (reader, collator, head, loss, DeepSpeed step,
-save, evaluation, reload). `-m slow` adds a longer fine-tune per task that must beat the metric's chance level: from
-random weights the tiny model needs a few hundred steps before the two streams align (retrieval and referring cannot be
-solved from one stream), so it evaluates on its own train split (`--val_split train`) and is too long for the default
-run. Transfer to held-out images, pretrained vs from scratch, is measured by the commands in the README.
+save, evaluation, reload), for ViLBERT and for the single-stream baseline; resuming after SIGTERM (sent from inside
+the loop) against an uninterrupted run, step for step and sample for sample; ZeRO-2 against stage 0. `-m slow` adds a
+longer fine-tune per task and architecture that must beat the metric's chance level: from random weights the tiny
+model needs a few hundred steps before text and image align (retrieval and referring cannot be solved from the text
+alone), so it evaluates on its own train split (`--val_split train`) and is too long for the default run; and a
+2-rank resume through the launcher. Transfer to held-out images, pretrained vs from scratch, is measured by the
+commands in the README.
 """
 import json
 import os
+import signal
 import socket
 import sys
 
 import pytest
 import torch
 
-from vilbert import ViLBERTConfig, ViLBERTForPretraining, ViLBERTForRetrieval, ViLBERTForVQA
+from vilbert import (SingleStreamForPretraining, SingleStreamForReferring, SingleStreamForRetrieval, SingleStreamForVQA,
+                     ViLBERTConfig, ViLBERTForPretraining, ViLBERTForRetrieval, ViLBERTForVQA)
 from vilbert.data import load_tokenizer
-from vilbert.tasks.models import load_task_model
+from vilbert.tasks.models import load_alignment_model, load_task_model
 from vilbert.tasks.synthetic import write_synthetic_tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,19 +74,24 @@ def ds_config(tmp_path_factory):
     return str(path)
 
 
-def eval_record(output_dir):
+def metrics_lines(output_dir):
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if '"eval"' in line][-1]
+        return [json.loads(line) for line in f]
+
+
+def eval_record(output_dir):
+    return [r for r in metrics_lines(output_dir) if "eval" in r][-1]
 
 
 METRICS = {"vqa": "vqa_accuracy", "retrieval": "image_retrieval_R@1", "referring": "referring_accuracy"}
 
 
-def finetune_from_scratch(task, steps, tasks_dir, tiny_config, ds_config, output_dir):
+def finetune_from_scratch(task, steps, tasks_dir, tiny_config, ds_config, output_dir, architecture="two-stream"):
     """Runs finetune.py from random weights, evaluating on the train split; returns (losses, eval record)."""
     status = finetune.main(["--task", task, "--init", "none", "--model", tiny_config, "--data", tasks_dir,
                             "--deepspeed_config", ds_config, "--max_steps", str(steps), "--val_split", "train",
-                            "--output_dir", str(output_dir), "--log_interval", "2", "--seed", "1"])
+                            "--output_dir", str(output_dir), "--log_interval", "2", "--seed", "1",
+                            "--architecture", architecture])
     assert status == 0
     with open(output_dir / "metrics.jsonl") as f:
         losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
@@ -106,16 +116,20 @@ def test_finetune_trains_saves_and_reloads(task, tasks_dir, tiny_config, ds_conf
 # Chance levels on the train split of the tiny set (8 images, 16 questions / captions / expressions): VQA, a uniform
 # guess over ~30 answers, under 0.05; retrieval R@1 1/8; referring 1/num_objects (3-8 objects), about 0.2.
 @pytest.mark.slow
+@pytest.mark.parametrize("architecture", ["two-stream", "single-stream"])
 @pytest.mark.parametrize("task, steps, chance", [("vqa", 100, 0.05), ("retrieval", 300, 1 / 8),
                                                  ("referring", 300, 0.25)])
-def test_finetune_beats_chance(task, steps, chance, tasks_dir, tiny_config, ds_config, tmp_path):
-    losses, record = finetune_from_scratch(task, steps, tasks_dir, tiny_config, ds_config, tmp_path / task)
+def test_finetune_beats_chance(task, steps, chance, architecture, tasks_dir, tiny_config, ds_config, tmp_path):
+    losses, record = finetune_from_scratch(task, steps, tasks_dir, tiny_config, ds_config, tmp_path / task,
+                                           architecture)
     assert record[METRICS[task]] > chance + 0.1, record
     assert sum(losses[-5:]) < sum(losses[:5])
 
 
-def test_zero_shot_retrieval_from_pretraining_checkpoint(tasks_dir, tiny_config, ds_config, tmp_path):
-    ViLBERTForPretraining(ViLBERTConfig.from_json(tiny_config)).save_pretrained(tmp_path / "pretrained")
+@pytest.mark.parametrize("pretraining_class", [ViLBERTForPretraining, SingleStreamForPretraining])
+def test_zero_shot_retrieval_from_pretraining_checkpoint(pretraining_class, tasks_dir, tiny_config, ds_config,
+                                                         tmp_path):
+    pretraining_class(ViLBERTConfig.from_json(tiny_config)).save_pretrained(tmp_path / "pretrained")
     status = finetune.main(["--task", "retrieval", "--zero_shot", "--init", str(tmp_path / "pretrained"),
                             "--data", tasks_dir, "--deepspeed_config", ds_config, "--output_dir", str(tmp_path / "zs")])
     assert status == 0
@@ -204,3 +218,230 @@ def test_score_all_pairs_matches_one_pair_at_a_time(tasks_dir):
             with torch.no_grad():
                 alone = model(**model_inputs(TaskCollator()([sample]))).logits
             assert scores[i, c].item() == pytest.approx(alone.item(), abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- single-stream baseline
+
+@pytest.fixture(scope="module")
+def single_stream_pretrained(tmp_path_factory, tiny_config):
+    """A save_pretrained directory of SingleStreamForPretraining (what `pretrain.py --architecture single-stream`
+    exports), random weights."""
+    path = tmp_path_factory.mktemp("single") / "pretrained"
+    torch.manual_seed(0)
+    SingleStreamForPretraining(ViLBERTConfig.from_json(tiny_config)).save_pretrained(path)
+    return path
+
+
+SINGLE_STREAM_TASK_MODELS = {"vqa": SingleStreamForVQA, "retrieval": SingleStreamForRetrieval,
+                             "referring": SingleStreamForReferring}
+
+
+@pytest.mark.parametrize("task", ["vqa", "retrieval", "referring"])
+def test_single_stream_finetune_from_single_stream_checkpoint(task, single_stream_pretrained, tasks_dir, ds_config,
+                                                              tmp_path, capsys):
+    """The checkpoint's weights say single-stream: the task model is the single-stream one, it trains (its encoder
+    moves; VQA's and referring's losses fall within 12 steps, retrieval's 4-way loss stays near log 4 until the model
+    matches captions to images, see the slow test), and the fine-tuned checkpoint reloads for evaluation."""
+    output_dir = tmp_path / task
+    assert finetune.main(["--task", task, "--init", str(single_stream_pretrained), "--data", tasks_dir,
+                          "--deepspeed_config", ds_config, "--max_steps", "12", "--val_split", "train",
+                          "--output_dir", str(output_dir), "--log_interval", "1"]) == 0
+    assert f"{SINGLE_STREAM_TASK_MODELS[task].__name__} from" in capsys.readouterr().out
+    losses = [r["loss"] for r in metrics_lines(output_dir) if "loss" in r]
+    assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
+    if task != "retrieval":
+        assert sum(losses[-3:]) < 0.9 * sum(losses[:3]), losses
+    tuned = load_task_model(task, str(output_dir / "final"), require_head=True)
+    assert isinstance(tuned, SINGLE_STREAM_TASK_MODELS[task])
+    pretrained = SingleStreamForPretraining.from_pretrained(single_stream_pretrained).bert.state_dict()
+    layers = [name for name in pretrained if name.startswith("encoder.layer.")]  # (referring needs no pooler)
+    assert layers and all(not torch.equal(tuned.bert.state_dict()[name], pretrained[name]) for name in layers)
+    extra = ["--answers", str(output_dir / "final" / "answers.json")] if task == "vqa" else []
+    assert finetune.main(["--task", task, "--init", str(output_dir / "final"), "--data", tasks_dir, "--eval_only",
+                          "--deepspeed_config", ds_config, "--val_split", "train", "--output_dir",
+                          str(tmp_path / "eval"), *extra]) == 0
+    assert eval_record(tmp_path / "eval")[METRICS[task]] == pytest.approx(eval_record(output_dir)[METRICS[task]])
+
+
+def test_load_task_model_architectures(single_stream_pretrained, tiny_config, tmp_path):
+    config = ViLBERTConfig.from_json(tiny_config)
+    pretrained = SingleStreamForPretraining.from_pretrained(single_stream_pretrained)
+    model = load_task_model("referring", str(single_stream_pretrained))  # architecture from the checkpoint
+    assert isinstance(model, SingleStreamForReferring)
+    assert model.vision_logit.in_features == config.hidden_size  # the single stream's region width
+    for name, value in pretrained.bert.state_dict().items():
+        assert torch.equal(model.bert.state_dict()[name], value), name
+    assert isinstance(load_task_model("vqa", str(single_stream_pretrained), architecture="single-stream"),
+                      SingleStreamForVQA)
+    assert isinstance(load_task_model("retrieval", None, config, architecture="single-stream"),
+                      SingleStreamForRetrieval)
+    assert isinstance(load_task_model("retrieval", None, config), ViLBERTForRetrieval)  # default: two-stream
+    assert isinstance(load_alignment_model(str(single_stream_pretrained)), SingleStreamForPretraining)
+    # The architecture asked for must be the checkpoint's, and official checkpoints are two-stream.
+    with pytest.raises(ValueError, match="is a single-stream checkpoint .* but architecture 'two-stream' was asked"):
+        load_task_model("vqa", str(single_stream_pretrained), architecture="two-stream")
+    with pytest.raises(ValueError, match="is a single-stream checkpoint"):
+        load_alignment_model(str(single_stream_pretrained), architecture="two-stream")
+    ViLBERTForPretraining(config).save_pretrained(tmp_path / "two")
+    with pytest.raises(ValueError, match="is a two-stream checkpoint .* but architecture 'single-stream' was asked"):
+        load_task_model("vqa", str(tmp_path / "two"), architecture="single-stream")
+    torch.save(ViLBERTForPretraining(config).to_official_state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="official ViLBERT checkpoints are two-stream"):
+        load_task_model("vqa", str(tmp_path / "pytorch_model.bin"), config, architecture="single-stream")
+    with pytest.raises(ValueError, match="architecture must be one of"):
+        load_task_model("vqa", None, config, architecture="three-stream")
+
+
+def test_architecture_mismatch_fails_with_one_line(single_stream_pretrained, tasks_dir, ds_config, tmp_path,
+                                                   capsys):
+    status = finetune.main(["--task", "vqa", "--init", str(single_stream_pretrained), "--architecture", "two-stream",
+                            "--data", tasks_dir, "--deepspeed_config", ds_config, "--output_dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "is a single-stream checkpoint" in err[0], err
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+@pytest.fixture(scope="module")
+def resume_configs(tmp_path_factory, tiny_config, ds_config):
+    """The tiny model with dropout 0.1 (so the restored RNG states matter) and a global batch of 8 from 2 micro
+    batches of 4 (gradient accumulation): 16 retrieval pairs make 2 optimizer steps per epoch."""
+    directory = tmp_path_factory.mktemp("resume")
+    with open(tiny_config) as f:
+        model = json.load(f)
+    model.update({key: 0.1 for key in model if key.endswith("dropout_prob")})
+    with open(ds_config) as f:
+        ds = json.load(f)
+    ds.update(train_batch_size=8, train_micro_batch_size_per_gpu=4)
+    (directory / "model.json").write_text(json.dumps(model))
+    (directory / "ds.json").write_text(json.dumps(ds))
+    return str(directory / "model.json"), str(directory / "ds.json")
+
+
+def resume_run(output_dir, tasks_dir, resume_configs, *extra):
+    model, ds = resume_configs
+    return finetune.main(["--task", "retrieval", "--init", "none", "--model", model, "--data", tasks_dir,
+                          "--deepspeed_config", ds, "--max_steps", "5", "--val_split", "train", "--seed", "3",
+                          "--output_dir", str(output_dir), "--log_interval", "1", "--log_samples",
+                          "--save_interval", "100", *extra])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tasks_dir, resume_configs):
+    output_dir = tmp_path_factory.mktemp("straight")
+    assert resume_run(output_dir, tasks_dir, resume_configs) == 0
+    return output_dir
+
+
+def step_samples(output_dir):
+    """{step: dataset indices of the global batch}; a resumed run's lines (later in the file) win."""
+    with open(output_dir / "samples_rank0.jsonl") as f:
+        return {r["step"]: r["indices"] for r in map(json.loads, f)}
+
+
+# SIGTERM during micro step 3 stops after optimizer step 2 (the end of epoch 0), during micro step 5 after step 3
+# (half way through epoch 1).
+@pytest.mark.parametrize("signal_at_micro_step", [3, 5])
+def test_sigterm_then_resume_equals_uninterrupted(signal_at_micro_step, uninterrupted, tasks_dir, resume_configs,
+                                                  tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    task_targets = finetune.task_targets
+
+    def signalling_task_targets(task, batch):
+        calls["n"] += 1
+        if calls["n"] == signal_at_micro_step:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by finetune.py: finish the step, save, exit 0
+        return task_targets(task, batch)
+
+    monkeypatch.setattr(finetune, "task_targets", signalling_task_targets)
+    assert resume_run(tmp_path, tasks_dir, resume_configs) == 0
+    stopped_at = (signal_at_micro_step + 1) // 2
+    assert "checkpoint saved, rerun to resume" in capsys.readouterr().out
+    assert max(step_samples(tmp_path)) == stopped_at and not (tmp_path / "final").exists()
+    monkeypatch.setattr(finetune, "task_targets", task_targets)
+    assert resume_run(tmp_path, tasks_dir, resume_configs) == 0
+    assert f"resumed from {tmp_path}/global_step{stopped_at}" in capsys.readouterr().out
+
+    assert step_samples(tmp_path) == step_samples(uninterrupted)  # no sample repeated or skipped
+    lines = [r for r in metrics_lines(tmp_path) if "loss" in r]
+    straight = [r for r in metrics_lines(uninterrupted) if "loss" in r]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5]
+    for key in ("loss", "lr", "samples", "epoch"):
+        assert [r[key] for r in lines] == pytest.approx([r[key] for r in straight], rel=1e-6), key
+    assert eval_record(tmp_path)["image_retrieval_R@1"] == eval_record(uninterrupted)["image_retrieval_R@1"]
+    assert sorted(d for d in os.listdir(tmp_path) if d.startswith("global_step")) == [
+        f"global_step{stopped_at}", "global_step5"]  # --keep_last 2: the signal's checkpoint and the last one
+
+
+def test_zero2_matches_zero0_and_exports_fp32_weights(tasks_dir, tiny_config, ds_config, tmp_path):
+    """ZeRO-2 shards the optimizer: the same losses as stage 0, and final/ holds the weights consolidated from the
+    ZeRO checkpoint (the same as stage 0's)."""
+    with open(ds_config) as f:
+        zero2 = dict(json.load(f), zero_optimization={"stage": 2})
+    (tmp_path / "zero2.json").write_text(json.dumps(zero2))
+    runs = {}
+    for name, config in (("zero0", ds_config), ("zero2", str(tmp_path / "zero2.json"))):
+        assert finetune.main(["--task", "referring", "--init", "none", "--model", tiny_config, "--data", tasks_dir,
+                              "--deepspeed_config", config, "--max_steps", "4", "--val_split", "train",
+                              "--output_dir", str(tmp_path / name), "--log_interval", "1"]) == 0
+        runs[name] = ([r["loss"] for r in metrics_lines(tmp_path / name) if "loss" in r],
+                      load_task_model("referring", str(tmp_path / name / "final"), require_head=True).state_dict())
+    assert runs["zero2"][0] == pytest.approx(runs["zero0"][0], rel=1e-5)
+    for name, value in runs["zero0"][1].items():
+        assert value.dtype == runs["zero2"][1][name].dtype == torch.float32
+        torch.testing.assert_close(runs["zero2"][1][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_sigterm_one_rank_then_resume(tasks_dir, resume_configs, tmp_path):
+    """Through the launcher, 2 ranks x micro 4, ZeRO-2: SIGTERM to one rank stops both at the same step with a
+    checkpoint; the rerun resumes and matches the uninterrupted 2-rank run step for step, sample for sample."""
+    import subprocess
+    import time
+
+    import psutil
+
+    model, ds = resume_configs
+    with open(ds) as f:
+        (tmp_path / "zero2.json").write_text(json.dumps(dict(json.load(f), zero_optimization={"stage": 2})))
+    script = os.path.join(ROOT, "train", "finetune.py")
+    common = ["--task", "retrieval", "--init", "none", "--model", model, "--data", tasks_dir, "--max_steps", "24",
+              "--deepspeed_config", str(tmp_path / "zero2.json"), "--val_split", "train", "--log_interval", "1",
+              "--log_samples", "--save_interval", "100", "--max_eval_images", "2"]
+
+    def launch(output_dir):
+        env = dict(os.environ, DS_ACCELERATOR="cpu", LOCAL_SIZE="2", OMP_NUM_THREADS="1")
+        command = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port",
+                   str(free_port()), script, "--output_dir", str(output_dir), *common]
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def finish(process):
+        output, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, output[-5000:]
+        return output
+
+    def samples(output_dir):
+        steps = {}
+        for rank in (0, 1):
+            with open(output_dir / f"samples_rank{rank}.jsonl") as f:
+                for record in map(json.loads, f):
+                    steps.setdefault(rank, {})[record["step"]] = record["indices"]
+        return {step: sorted(steps[0][step] + steps[1][step]) for step in steps[0]}
+
+    finish(launch(tmp_path / "straight"))
+    cut = launch(tmp_path / "cut")
+    deadline = time.monotonic() + 600
+    while not (tmp_path / "cut" / "metrics.jsonl").exists() or not metrics_lines(tmp_path / "cut")[2:]:
+        assert cut.poll() is None and time.monotonic() < deadline, "the run ended before step 3"
+        time.sleep(0.05)
+    ranks = [p for p in psutil.Process(cut.pid).children(recursive=True) if script in " ".join(p.cmdline())]
+    os.kill(ranks[-1].pid, signal.SIGTERM)  # one rank: the other must stop at the same step
+    assert "checkpoint saved, rerun to resume" in finish(cut)
+    stopped = max(samples(tmp_path / "cut"))
+    assert 3 <= stopped < 24
+    assert "resumed from" in finish(launch(tmp_path / "cut"))
+    assert samples(tmp_path / "cut") == samples(tmp_path / "straight")
+    lines = {r["step"]: r["loss"] for r in metrics_lines(tmp_path / "cut") if "loss" in r}
+    straight = [r["loss"] for r in metrics_lines(tmp_path / "straight") if "loss" in r]
+    assert [lines[s] for s in sorted(lines)] == pytest.approx(straight, rel=1e-6)

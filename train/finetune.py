@@ -8,6 +8,10 @@ Launch (same conventions as train/pretrain.py: batch sizes in the DeepSpeed JSON
     # the same budget from scratch (same config as the checkpoint, random weights):
     deepspeed --num_gpus 1 train/finetune.py --deepspeed_config train/ds_finetune_cpu.json \\
         --task vqa --init none --model runs/pretrain/final/config.json --max_steps 300 --output_dir runs/vqa_scratch
+    # the single-stream baseline: from `pretrain.py --architecture single-stream` (the checkpoint says which it is),
+    # or from scratch with --architecture single-stream:
+    deepspeed --num_gpus 1 train/finetune.py --deepspeed_config train/ds_finetune_cpu.json \\
+        --task vqa --init runs/pretrain_single/final --max_steps 300 --output_dir runs/vqa_single
     # real VQA 2.0 on GPUs (features: any store vilbert.data.open_store reads; bert-base-uncased's vocab.txt):
     deepspeed --num_gpus 8 train/finetune.py --deepspeed_config train/ds.json --task vqa --init runs/pretrain/final \\
         --data /data/vqa --train_split train2014 --val_split val2014 --features /data/coco_features.lmdb \\
@@ -25,30 +29,47 @@ and the feature store at <data>/features unless --features is given. Without --d
 
 A retrieval micro batch of N is N groups of NUM_CHOICES (4) pairs: 4N pairs per forward.
 
-output_dir holds metrics.jsonl (one line per log step, then one "eval" line), final/ (`save_pretrained` of the task
-model; for VQA also answers.json, the answer vocabulary). Evaluation runs on rank 0 over the whole val split:
-VQA accuracy, R@1/5/10 both ways, referring accuracy at IoU 0.5. ZeRO-3 is not supported here (ZeRO 0-2 are).
+--architecture: a checkpoint of ours is two-stream (ViLBERT) or single-stream (the paper's baseline), told by its
+weights; an --architecture that contradicts it is an error. Official checkpoints are two-stream; --init none builds
+--architecture (default two-stream).
+
+Stopping and resuming as train/pretrain.py: SIGTERM or SIGINT lets the current optimizer step finish, saves a
+checkpoint on every rank and exits 0; running the same command again resumes from the newest complete checkpoint in
+--output_dir at the next unseen sample, with the RNG states restored (same world size; --no_resume starts over).
+
+output_dir holds global_step<N>/ (DeepSpeed checkpoints, every --save_interval steps and at the end; the last
+--keep_last kept), `latest`, metrics.jsonl (one line per log step, then one "eval" line), final/ (`save_pretrained` of
+the task model's fp32 weights; for VQA also answers.json, the answer vocabulary). Evaluation runs on rank 0 over the
+whole val split: VQA accuracy, R@1/5/10 both ways, referring accuracy at IoU 0.5. ZeRO-3 is not supported here
+(ZeRO 0-2 are).
 """
 import argparse
+import contextlib
 import json
 import os
+import random
+import signal
 import sys
 import time
 
 import deepspeed
 import deepspeed.comm as dist
+import numpy as np
 import torch
 from deepspeed.accelerator import get_accelerator
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pretrain import UsageError, build_config, fill_schedule, load_ds_config, param_groups  # noqa: E402
+from pretrain import (IndexedCollator, IndexedDataset, UsageError, build_config, check_world_size,  # noqa: E402
+                      fill_output_paths, fill_schedule, ignore_stop_signals, load_ds_config, param_groups,
+                      save_checkpoint, set_rng_state)
 
 from vilbert.data import ResumableSampler, load_tokenizer, open_store  # noqa: E402
 from vilbert.tasks.common import TaskCollator, model_inputs  # noqa: E402
 from vilbert.tasks.metrics import retrieval_recall, summarize_recall, vqa_score_from_logits  # noqa: E402
-from vilbert.tasks.models import (TASK_MODELS, alignment_score, evaluate_batches, load_alignment_model,  # noqa: E402
-                                  load_task_model, retrieval_score)
+from vilbert.tasks.models import (ARCHITECTURES, TASKS, alignment_score, evaluate_batches,  # noqa: E402
+                                  load_alignment_model, load_task_model, retrieval_score)
 from vilbert.tasks.referring import ReferringDataset, load_refs, referring_hits  # noqa: E402
 from vilbert.tasks.retrieval import (NUM_CHOICES, RetrievalTrainDataset, load_captions,  # noqa: E402
                                      retrieval_eval_set, score_all_pairs)
@@ -61,7 +82,7 @@ MAX_TEXT_LEN = {"vqa": 23, "retrieval": 30, "referring": 20}
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--task", required=True, choices=sorted(TASK_MODELS))
+    parser.add_argument("--task", required=True, choices=TASKS)
     parser.add_argument("--data", help="task directory (see the module docstring; default: built-in synthetic tasks)")
     parser.add_argument("--features", help="feature store (default: <data>/features)")
     parser.add_argument("--train_split", default="train")
@@ -71,6 +92,9 @@ def parse_args(argv=None):
                              "--model its config JSON), or 'none' to start from random weights")
     parser.add_argument("--model", default="small",
                         help="config preset or JSON for --init none or an official checkpoint (default: small)")
+    parser.add_argument("--architecture", choices=ARCHITECTURES,
+                        help="ViLBERT (two-stream) or the paper's single-stream baseline (default: what --init is; "
+                             "two-stream for --init none and official checkpoints)")
     parser.add_argument("--vocab_file", help="BERT vocab.txt (default: the vocab shipped for the built-in data)")
     parser.add_argument("--answers", help="VQA answer vocabulary JSON list (default: the top 3129 train answers)")
     parser.add_argument("--output_dir", default="runs/finetune")
@@ -79,6 +103,12 @@ def parse_args(argv=None):
     parser.add_argument("--backend", choices=("torch", "sdpa", "triton"),
                         help="op backend (default: triton on a GPU, torch on the CPU)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no_resume", dest="resume", action="store_false",
+                        help="start fresh even if output_dir holds a checkpoint (default: resume from the latest)")
+    parser.add_argument("--save_interval", type=int, default=1000, help="optimizer steps between checkpoints")
+    parser.add_argument("--keep_last", type=int, default=2, help="checkpoints kept in output_dir")
+    parser.add_argument("--log_samples", action="store_true",
+                        help="write the dataset indices of every step to output_dir/samples_rank<r>.jsonl")
     parser.add_argument("--max_regions", type=int, default=100, help="regions per image (+ the IMG token)")
     parser.add_argument("--eval_only", action="store_true", help="evaluate --init on the val split, no training")
     parser.add_argument("--zero_shot", action="store_true",
@@ -101,7 +131,7 @@ def parse_args(argv=None):
         raise UsageError("--eval_only needs a checkpoint (--init DIR)")
     if args.init is not None and not os.path.exists(args.init):
         raise UsageError(f"--init {args.init!r} does not exist")
-    for name in ("log_interval", "eval_batch_size", "max_regions"):
+    for name in ("log_interval", "eval_batch_size", "max_regions", "save_interval", "keep_last"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
@@ -243,21 +273,25 @@ def main(argv=None):
                              f"({micro} x {world_size} ranks)")
         torch.manual_seed(args.seed)  # the same initial head weights on every rank
         if args.zero_shot:
-            model = load_alignment_model(args.init, backend=args.backend)
+            model = load_alignment_model(args.init, backend=args.backend, architecture=args.architecture)
         else:
             model = load_task_model(args.task, args.init, config, backend=args.backend,
-                                    num_answers=None if vocab is None else len(vocab), require_head=args.eval_only)
+                                    num_answers=None if vocab is None else len(vocab), require_head=args.eval_only,
+                                    architecture=args.architecture)
     except (UsageError, ValueError, FileNotFoundError) as e:
         if rank == 0:
             print(f"finetune.py: error: {e}", file=sys.stderr)
         return 2
+    if rank == 0:
+        print(f"finetune.py: {type(model).__name__} from {args.init or 'random weights'}", flush=True)
     device = (torch.device(get_accelerator().device_name(), int(os.environ["LOCAL_RANK"])) if on_gpu
               else torch.device("cpu"))
     os.makedirs(args.output_dir, exist_ok=True)
-    metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if rank == 0 else None
 
     if not args.eval_only:
-        model = train_model(args, model, train, ds_config, metrics_file, rank, world_size)
+        model = train_model(args, model, train, ds_config, rank, world_size)
+        if model is None:  # stopped by a signal before max_steps: checkpoint saved, nothing to export or evaluate
+            return 0
         if rank == 0:
             final = os.path.join(args.output_dir, "final")
             model.save_pretrained(final)
@@ -271,63 +305,148 @@ def main(argv=None):
         record = {"eval": args.val_split, "task": args.task, "init": args.init, "zero_shot": args.zero_shot,
                   **evaluate(args, model, val, store, tokenizer, device)}
         record["eval_seconds"] = time.perf_counter() - start
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.close()
+        with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as metrics_file:
+            metrics_file.write(json.dumps(record) + "\n")
         print(f"finetune.py: eval {json.dumps(record)}", flush=True)
     dist.barrier()
     return 0
 
 
-def train_model(args, model, train, ds_config, metrics_file, rank, world_size):
-    """The DeepSpeed loop: forward -> backward -> step, a metrics line every --log_interval steps; returns the
-    trained module."""
+class IndexedTaskCollator(IndexedCollator):
+    """(dataset indices, task batch), for --log_samples."""
+
+    def __init__(self):
+        self.collator = TaskCollator()
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """Inside the block SIGTERM/SIGINT set stop["signal"] instead of ending the process; the old handlers come back."""
+    stop = {"signal": None}
+
+    def request_stop(signum, _frame):
+        stop["signal"] = signal.Signals(signum).name
+
+    previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def train_model(args, model, train, ds_config, rank, world_size):
+    """The DeepSpeed loop of train/pretrain.py for a task: forward -> backward -> step, a metrics line every
+    --log_interval steps, a checkpoint every --save_interval steps, at the end and on SIGTERM/SIGINT; resumes from the
+    latest checkpoint in output_dir. Returns the trained model (on rank 0 its fp32 weights, consolidated from the
+    ZeRO shards), or None when a signal stopped the run before max_steps."""
     global_batch, micro = ds_config["train_batch_size"], ds_config["train_micro_batch_size_per_gpu"]
     accumulation = global_batch // (micro * world_size)
     max_steps = args.max_steps or max(1, int(args.epochs * (len(train) // (micro * world_size))) // accumulation)
     fill_schedule(ds_config, max_steps)
+    fill_output_paths(ds_config, args.output_dir)
     weight_decay = ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
     args.deepspeed_config = None  # the checked dict is passed instead (initialize refuses both)
     engine, _, _, _ = deepspeed.initialize(args=args, model=model, config=ds_config,
                                            model_parameters=param_groups(model, weight_decay))
-    torch.manual_seed(args.seed + rank)  # per-rank dropout streams
+    random.seed(args.seed + rank)  # per-rank dropout streams
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+
+    step, epoch, consumed = 0, 0, 0  # optimizer steps; epoch; global samples consumed in this epoch
+    if args.resume and os.path.isfile(os.path.join(args.output_dir, "latest")):
+        check_world_size(args.output_dir, world_size)
+        load_path, client_state = engine.load_checkpoint(args.output_dir)
+        if load_path is None:
+            raise RuntimeError(f"could not load the checkpoint named by {args.output_dir}/latest")
+        step, epoch, consumed = client_state["step"], client_state["epoch"], client_state["consumed_samples"]
+        if len(client_state["rng"]) == world_size:
+            set_rng_state(client_state["rng"][rank])
+        if rank == 0:
+            print(f"finetune.py: resumed from {load_path} at step {step}, epoch {epoch}, sample {consumed}",
+                  flush=True)
+
+    mode = "a" if step else "w"  # a resumed run continues the logs; a fresh one replaces them
+    metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), mode) if rank == 0 else None
+    samples_file = (open(os.path.join(args.output_dir, f"samples_rank{rank}.jsonl"), mode)
+                    if args.log_samples else None)
     device = engine.device
-    step, epoch = 0, 0
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum over micro steps, hits, examples
     micro_steps, start = 0, time.perf_counter()
-    while step < max_steps:
-        if isinstance(train, RetrievalTrainDataset):
-            train.set_epoch(epoch)  # its negatives are drawn per (seed, epoch, index)
-        sampler = ResumableSampler(len(train), seed=args.seed, rank=rank, world_size=world_size, micro_batch_size=micro)
-        sampler.set_epoch(epoch)
-        loader = DataLoader(train, batch_sampler=sampler, collate_fn=TaskCollator(), num_workers=args.num_workers)
-        for batch in loader:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            out = engine(**model_inputs(batch), **task_targets(args.task, batch))
-            engine.backward(out.loss)
-            engine.step()
-            hits = batch_hits(args.task, out.logits.detach(), batch)
-            sums += torch.stack([out.loss.detach().double(), hits.sum().double(),
-                                 torch.tensor(float(len(hits)), dtype=torch.float64, device=device)])
-            micro_steps += 1
-            if engine.global_steps == step:
-                continue  # still accumulating gradients
-            step = engine.global_steps
-            if step % args.log_interval == 0 or step == max_steps:
-                dist.all_reduce(sums)
-                record = {"step": step, "epoch": epoch, "lr": engine.get_lr()[0],
-                          "loss": (sums[0] / (micro_steps * world_size)).item(),
-                          "train_metric": (sums[1] / sums[2]).item(),
-                          "seconds": time.perf_counter() - start}
-                if rank == 0:
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                    print(f"finetune.py: {json.dumps(record)}", flush=True)
-                sums.zero_()
-                micro_steps = 0
-            if step >= max_steps:
-                break
-        epoch += 1
-    return engine.module
+    step_indices = []
+    stopping = False  # agreed by all ranks
+    with stop_requests() as stop:
+        while step < max_steps and not stopping:
+            if hasattr(train, "set_epoch"):
+                train.set_epoch(epoch)  # retrieval draws its negatives per (seed, epoch, index)
+            sampler = ResumableSampler(len(train), seed=args.seed, rank=rank, world_size=world_size,
+                                       micro_batch_size=micro)
+            sampler.load_state_dict({"epoch": epoch, "consumed_samples": consumed})
+            # The loader's own generator: starting an iterator must not draw from the global RNG (dropout's), or a
+            # resumed run, which starts one mid-epoch, would drop out other units than the uninterrupted run.
+            loader = DataLoader(IndexedDataset(train), batch_sampler=sampler, collate_fn=IndexedTaskCollator(),
+                                num_workers=args.num_workers, worker_init_fn=ignore_stop_signals,
+                                generator=torch.Generator().manual_seed(args.seed + epoch))
+            for indices, batch in loader:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                out = engine(**model_inputs(batch), **task_targets(args.task, batch))
+                engine.backward(out.loss)
+                engine.step()
+                consumed += micro * world_size
+                step_indices.extend(indices)
+                hits = batch_hits(args.task, out.logits.detach(), batch)
+                sums += torch.stack([out.loss.detach().double(), hits.sum().double(),
+                                     torch.tensor(float(len(hits)), dtype=torch.float64, device=device)])
+                micro_steps += 1
+                if engine.global_steps == step:
+                    continue  # still accumulating gradients
+                step = engine.global_steps
+                if samples_file:
+                    samples_file.write(json.dumps({"step": step, "indices": step_indices}) + "\n")
+                    samples_file.flush()
+                step_indices = []
+                if step % args.log_interval == 0 or step == max_steps:
+                    dist.all_reduce(sums)
+                    record = {"step": step, "samples": step * global_batch, "epoch": epoch,
+                              "lr": engine.get_lr()[0], "loss": (sums[0] / (micro_steps * world_size)).item(),
+                              "train_metric": (sums[1] / sums[2]).item(), "seconds": time.perf_counter() - start}
+                    if rank == 0:
+                        metrics_file.write(json.dumps(record) + "\n")
+                        metrics_file.flush()
+                        print(f"finetune.py: {json.dumps(record)}", flush=True)
+                    sums.zero_()
+                    micro_steps = 0
+                # Every rank must stop at the same step, or the next collective hangs: a signal on any rank counts.
+                flag = torch.tensor(float(stop["signal"] is not None), device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stopping = bool(flag.item())
+                if step % args.save_interval == 0 or step >= max_steps or stopping:
+                    save_checkpoint(engine, args.output_dir, {"step": step, "epoch": epoch,
+                                                              "consumed_samples": consumed,
+                                                              "world_size": world_size}, args.keep_last)
+                if step >= max_steps or stopping:
+                    break
+            else:  # the epoch ran out: the next one starts from its first sample
+                epoch, consumed = epoch + 1, 0
+    for f in (metrics_file, samples_file):
+        if f is not None:
+            f.close()
+
+    if stopping and step < max_steps:
+        if rank == 0:
+            print(f"finetune.py: stopped by {stop['signal'] or 'a signal on another rank'} at step {step}; "
+                  "checkpoint saved, rerun to resume", flush=True)
+        return None
+    if rank != 0:
+        return engine.module
+    # The fp32 master weights from the checkpoint of the last step, consolidated for every ZeRO stage.
+    if ds_config.get("zero_optimization", {}).get("stage", 0):
+        state = get_fp32_state_dict_from_zero_checkpoint(args.output_dir, tag=f"global_step{step}")
+    else:
+        state = {name: t.float() for name, t in engine.module.state_dict().items()}
+    export = type(engine.module)(engine.module.config, backend=args.backend)
+    export.load_state_dict(state)
+    return export
 
 
 if __name__ == "__main__":

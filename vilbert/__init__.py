@@ -7,9 +7,11 @@
 """
 from .checkpoint import LoadReport
 from .config import ViLBERTConfig
-from .model import (PretrainingOutput, SingleStreamForPretraining, TaskOutput, ViLBERTForPretraining,
-                    ViLBERTForReferring, ViLBERTForRetrieval, ViLBERTForVQA, ViLBERTModel, ViLBERTOutput)
+from .model import (PretrainingOutput, SingleStreamForPretraining, SingleStreamForReferring, SingleStreamForRetrieval,
+                    SingleStreamForVQA, SingleStreamModel, TaskOutput, ViLBERTForPretraining, ViLBERTForReferring,
+                    ViLBERTForRetrieval, ViLBERTForVQA, ViLBERTModel, ViLBERTOutput)
 
 __all__ = ["ViLBERTConfig", "ViLBERTModel", "ViLBERTForPretraining", "ViLBERTForVQA", "ViLBERTForRetrieval",
-           "ViLBERTForReferring", "SingleStreamForPretraining", "ViLBERTOutput", "PretrainingOutput", "TaskOutput",
+           "ViLBERTForReferring", "SingleStreamModel", "SingleStreamForPretraining", "SingleStreamForVQA",
+           "SingleStreamForRetrieval", "SingleStreamForReferring", "ViLBERTOutput", "PretrainingOutput", "TaskOutput",
            "LoadReport"]

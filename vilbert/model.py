@@ -194,7 +194,12 @@ class ConnectionLayer(nn.Module):
 
 class Encoder(nn.Module):
     """The two streams, interleaved as the official encoder: before co-layer i, the text layers up to (excluding)
-    t_biattention_id[i] and the visual layers up to v_biattention_id[i] run; after the last one, the rest."""
+    t_biattention_id[i] and the visual layers up to v_biattention_id[i] run; after the last one, the rest.
+
+    The layers of a stream before the first co-layer see that stream only: `text_prefix` and `image_prefix` run them,
+    `fuse` runs everything from the first co-layer on, and forward is their composition. Scoring many pairs (retrieval
+    evaluation) thus runs each caption's and each image's prefix once and only `fuse` per pair.
+    """
 
     def __init__(self, config: ViLBERTConfig):
         super().__init__()
@@ -202,19 +207,38 @@ class Encoder(nn.Module):
         self.layer = nn.ModuleList(text_layer(config) for _ in range(config.num_hidden_layers))
         self.v_layer = nn.ModuleList(image_layer(config) for _ in range(config.v_num_hidden_layers))
         self.c_layer = nn.ModuleList(ConnectionLayer(config) for _ in config.v_biattention_id)
+        # Each stream's prefix: its layers before the first co-layer (all of them when there is no co-layer).
+        self.num_text_prefix_layers = (config.t_biattention_id + [config.num_hidden_layers])[0]
+        self.num_image_prefix_layers = (config.v_biattention_id + [config.v_num_hidden_layers])[0]
 
-    def forward(self, text, image, text_lens, image_lens):
-        t_start = v_start = 0
-        ends = zip(self.config.v_biattention_id + [len(self.v_layer)], self.config.t_biattention_id + [len(self.layer)])
-        for i, (v_end, t_end) in enumerate(ends):
+    def text_prefix(self, text, text_lens):
+        """text (B, T, hidden_size) embeddings -> (B, T, hidden_size) after the text-only layers."""
+        for layer in self.layer[:self.num_text_prefix_layers]:
+            text = layer(text, text_lens)
+        return text
+
+    def image_prefix(self, image, image_lens):
+        """image (B, V, v_hidden_size) embeddings -> (B, V, v_hidden_size) after the image-only layers."""
+        for layer in self.v_layer[:self.num_image_prefix_layers]:
+            image = layer(image, image_lens)
+        return image
+
+    def fuse(self, text, image, text_lens, image_lens):
+        """The prefixes' outputs -> (text (B, T, hidden_size), image (B, V, v_hidden_size)) of the last layers:
+        co-layer i, then each stream's layers up to the next co-layer (after the last one, to the stream's end)."""
+        t_ids, v_ids = self.config.t_biattention_id, self.config.v_biattention_id
+        segments = zip(self.c_layer, t_ids, t_ids[1:] + [len(self.layer)], v_ids, v_ids[1:] + [len(self.v_layer)])
+        for c_layer, t_start, t_end, v_start, v_end in segments:
+            image, text = c_layer(image, image_lens, text, text_lens)
             for layer in self.v_layer[v_start:v_end]:
                 image = layer(image, image_lens)
             for layer in self.layer[t_start:t_end]:
                 text = layer(text, text_lens)
-            if i < len(self.c_layer):
-                image, text = self.c_layer[i](image, image_lens, text, text_lens)
-            v_start, t_start = v_end, t_end
         return text, image
+
+    def forward(self, text, image, text_lens, image_lens):
+        """Embeddings text (B, T, hidden_size), image (B, V, v_hidden_size) -> the last layers' (text, image)."""
+        return self.fuse(self.text_prefix(text, text_lens), self.image_prefix(image, image_lens), text_lens, image_lens)
 
 
 class TextEmbeddings(nn.Module):
@@ -284,30 +308,56 @@ def _with_backend(config: ViLBERTConfig, backend: Optional[str]) -> ViLBERTConfi
     return config
 
 
-def _check_inputs(config, input_ids, image_features, image_locations, token_type_ids, text_lens, image_lens):
-    """Shapes and dtypes at the public boundary (no values: that would need a host sync)."""
-    def fail(name, tensor, expected):
-        seen = f"shape {tuple(tensor.shape)} {tensor.dtype}" if torch.is_tensor(tensor) else type(tensor).__name__
-        raise ValueError(f"{name}: expected {expected}, got {seen}")
+def _fail(name, tensor, expected):
+    seen = f"shape {tuple(tensor.shape)} {tensor.dtype}" if torch.is_tensor(tensor) else type(tensor).__name__
+    raise ValueError(f"{name}: expected {expected}, got {seen}")
 
+
+def _check_lens(name, lens, B):
+    if lens is not None and (not torch.is_tensor(lens) or tuple(lens.shape) != (B,)
+                             or lens.dtype not in (torch.int32, torch.int64)):
+        _fail(name, lens, f"(B={B},) int32/int64 tensor of lengths (padding at the end)")
+
+
+def _check_text(config, input_ids, token_type_ids, text_lens):
     if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-        fail("input_ids", input_ids, "(B, T) int64 tensor")
+        _fail("input_ids", input_ids, "(B, T) int64 tensor")
     B, T = input_ids.shape
     if T > config.max_position_embeddings:
         raise ValueError(f"input_ids: {T} tokens exceed max_position_embeddings={config.max_position_embeddings}")
-    if (not torch.is_tensor(image_features) or image_features.dim() != 3 or image_features.shape[0] != B
-            or image_features.shape[2] != config.v_feature_size or not image_features.is_floating_point()):
-        fail("image_features", image_features, f"(B={B}, V, v_feature_size={config.v_feature_size}) float tensor")
-    V = image_features.shape[1]
-    if not torch.is_tensor(image_locations) or tuple(image_locations.shape) != (B, V, 5):
-        fail("image_locations", image_locations, f"shape (B={B}, V={V}, 5)")
     if token_type_ids is not None and (not torch.is_tensor(token_type_ids) or token_type_ids.shape != input_ids.shape
                                        or token_type_ids.dtype != torch.long):
-        fail("token_type_ids", token_type_ids, f"(B={B}, T={T}) int64 tensor like input_ids")
-    for name, lens in (("text_lens", text_lens), ("image_lens", image_lens)):
-        if lens is not None and (not torch.is_tensor(lens) or tuple(lens.shape) != (B,)
-                                 or lens.dtype not in (torch.int32, torch.int64)):
-            fail(name, lens, f"(B={B},) int32/int64 tensor of lengths (padding at the end)")
+        _fail("token_type_ids", token_type_ids, f"(B={B}, T={T}) int64 tensor like input_ids")
+    _check_lens("text_lens", text_lens, B)
+
+
+def _check_image(config, image_features, image_locations, image_lens, B=None):
+    """B: the batch size the image inputs must have (None: any)."""
+    if (not torch.is_tensor(image_features) or image_features.dim() != 3 or B not in (None, image_features.shape[0])
+            or image_features.shape[2] != config.v_feature_size or not image_features.is_floating_point()):
+        batch = "B" if B is None else f"B={B}"
+        _fail("image_features", image_features, f"({batch}, V, v_feature_size={config.v_feature_size}) float tensor")
+    B, V = image_features.shape[:2]
+    if not torch.is_tensor(image_locations) or tuple(image_locations.shape) != (B, V, 5):
+        _fail("image_locations", image_locations, f"shape (B={B}, V={V}, 5)")
+    _check_lens("image_lens", image_lens, B)
+
+
+def _check_inputs(config, input_ids, image_features, image_locations, token_type_ids, text_lens, image_lens):
+    """Shapes and dtypes at the public boundary (no values: that would need a host sync)."""
+    _check_text(config, input_ids, token_type_ids, text_lens)
+    _check_image(config, image_features, image_locations, image_lens, B=input_ids.shape[0])
+
+
+def _check_streams(config, text, image, text_lens, image_lens):
+    """The inputs of fuse_streams: the two prefixes' hidden states of the same B pairs."""
+    if not torch.is_tensor(text) or text.dim() != 3 or text.shape[2] != config.hidden_size:
+        _fail("text", text, f"(B, T, hidden_size={config.hidden_size}) tensor from encode_text")
+    B = text.shape[0]
+    if not torch.is_tensor(image) or image.dim() != 3 or image.shape[0] != B or image.shape[2] != config.v_hidden_size:
+        _fail("image", image, f"(B={B}, V, v_hidden_size={config.v_hidden_size}) tensor from encode_image")
+    _check_lens("text_lens", text_lens, B)
+    _check_lens("image_lens", image_lens, B)
 
 
 # ---- outputs ---------------------------------------------------------------------------------------------------------
@@ -362,11 +412,34 @@ class ViLBERTModel(CheckpointMixin, nn.Module):
         (B, V, 5); token_type_ids (B, T) (default zeros); text_lens, image_lens (B,) real lengths, padding at the end
         (default: everything is real). Outputs at padded positions are unspecified."""
         _check_inputs(self.config, input_ids, image_features, image_locations, token_type_ids, text_lens, image_lens)
+        text = self.encode_text(input_ids, token_type_ids, text_lens)
+        image = self.encode_image(image_features, image_locations, image_lens)
+        return self.fuse_streams(text, image, text_lens, image_lens)
+
+    # forward in three stages: the text side and the image side before the first co-layer depend on one stream only,
+    # so scoring every caption against every image (retrieval) runs them once per caption / image.
+    def encode_text(self, input_ids, token_type_ids=None, text_lens=None) -> torch.Tensor:
+        """Text embeddings and the text layers before the first co-layer. Inputs as forward's; returns the text
+        hidden states (B, T, hidden_size) for fuse_streams."""
+        _check_text(self.config, input_ids, token_type_ids, text_lens)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        text = self.embeddings(input_ids, token_type_ids)
-        image = self.v_embeddings(image_features, image_locations)
-        text, image = self.encoder(text, image, text_lens, image_lens)
+        return self.encoder.text_prefix(self.embeddings(input_ids, token_type_ids), text_lens)
+
+    def encode_image(self, image_features, image_locations, image_lens=None) -> torch.Tensor:
+        """Region embeddings and the visual layers before the first co-layer. Inputs as forward's; returns the image
+        hidden states (B, V, v_hidden_size) for fuse_streams."""
+        _check_image(self.config, image_features, image_locations, image_lens)
+        return self.encoder.image_prefix(self.v_embeddings(image_features, image_locations), image_lens)
+
+    def fuse_streams(self, text, image, text_lens=None, image_lens=None) -> ViLBERTOutput:
+        """The rest of forward for B (caption, image) pairs: the co-layers, the layers after them and the poolers.
+
+        text (B, T, hidden_size) from encode_text, image (B, V, v_hidden_size) from encode_image, text_lens and
+        image_lens (B,) as given to them. One caption against B images may come as text.expand(B, -1, -1) (a view),
+        its lengths likewise."""
+        _check_streams(self.config, text, image, text_lens, image_lens)
+        text, image = self.encoder.fuse(text, image, text_lens, image_lens)
         return ViLBERTOutput(text, image, self.t_pooler(text), self.v_pooler(image))
 
 
@@ -500,12 +573,14 @@ def _check_labels(B, T, V, num_classes, mlm_labels, region_targets, region_mask,
 
 # ---- task heads (official vilbert-multi-task names, so its task checkpoints load) -----------------------------------
 class _TaskModel(CheckpointMixin, nn.Module):
-    """ViLBERTModel + dropout; subclasses add one head and call `_init_head`."""
+    """The encoder (`encoder_class`: ViLBERTModel, or SingleStreamModel for the single-stream variants) + dropout;
+    subclasses add one head and call `_init_head`."""
     official_prefix = ""
+    encoder_class = ViLBERTModel
 
     def __init__(self, config: ViLBERTConfig, backend: Optional[str] = None):
         super().__init__()
-        self.bert = ViLBERTModel(config, backend)
+        self.bert = self.encoder_class(config, backend)
         self.config = config = self.bert.config  # one config object per model: `model.config.backend` switches all
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -579,7 +654,7 @@ class ViLBERTForReferring(_TaskModel):
 
     def __init__(self, config: ViLBERTConfig, backend: Optional[str] = None):
         super().__init__(config, backend)
-        self.vision_logit = nn.Linear(self.config.v_hidden_size, 1)
+        self.vision_logit = nn.Linear(self.bert.image_hidden_size, 1)  # reads the last image layer
         self._init_head(self.vision_logit)
 
     def forward(self, input_ids, image_features, image_locations, token_type_ids=None, text_lens=None,
@@ -664,4 +739,18 @@ def _pack(text, image, text_lens, image_lens):
 
 class SingleStreamForPretraining(ViLBERTForPretraining):
     """The single-stream ablation with ViLBERT's inputs, heads, losses and outputs, for a like-for-like comparison."""
+    encoder_class = SingleStreamModel
+
+
+# The downstream tasks on the single-stream encoder: the same heads, losses and outputs as the ViLBERT task models
+# (the referring head reads the single stream's region positions, hidden_size wide).
+class SingleStreamForVQA(ViLBERTForVQA):
+    encoder_class = SingleStreamModel
+
+
+class SingleStreamForRetrieval(ViLBERTForRetrieval):
+    encoder_class = SingleStreamModel
+
+
+class SingleStreamForReferring(ViLBERTForReferring):
     encoder_class = SingleStreamModel

@@ -8,39 +8,77 @@
   - an official ViLBERT checkpoint (pytorch_model*.bin, a file or its directory) with `config` giving its config:
     the encoder and, when present, the official task head (vil_prediction / vil_logit / vision_logit) are loaded.
 Anything else, or a checkpoint whose encoder does not fit, is a ValueError / FileNotFoundError naming the path and keys.
+
+Two architectures (`ARCHITECTURES`): ViLBERT ("two-stream") and the paper's single-stream baseline, with the same task
+heads (`TASK_MODELS[architecture][task]`). A checkpoint of ours says which it is by its weights (only the two-stream
+encoder has visual-stream layers: `checkpoint_architecture`); official checkpoints are two-stream. `architecture=None`
+takes the checkpoint's (two-stream for a fresh model); one that contradicts the checkpoint is a ValueError.
 """
-import os
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 
-from vilbert import (ViLBERTConfig, ViLBERTForPretraining, ViLBERTForReferring, ViLBERTForRetrieval,
-                     ViLBERTForVQA)
+from vilbert import (SingleStreamForPretraining, SingleStreamForReferring, SingleStreamForRetrieval,
+                     SingleStreamForVQA, ViLBERTConfig, ViLBERTForPretraining, ViLBERTForReferring,
+                     ViLBERTForRetrieval, ViLBERTForVQA)
 from vilbert.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_state_dict
+from vilbert.model import fuse
 
 from .common import model_inputs
 from .metrics import vqa_score_from_logits
 from .referring import referring_hits
+from .retrieval import PairScorer
 
-TASK_MODELS = {"vqa": ViLBERTForVQA, "retrieval": ViLBERTForRetrieval, "referring": ViLBERTForReferring}
+ARCHITECTURES = ("two-stream", "single-stream")
+PRETRAINING_MODELS = {"two-stream": ViLBERTForPretraining, "single-stream": SingleStreamForPretraining}
+TASK_MODELS = {  # architecture -> task -> model class
+    "two-stream": {"vqa": ViLBERTForVQA, "retrieval": ViLBERTForRetrieval, "referring": ViLBERTForReferring},
+    "single-stream": {"vqa": SingleStreamForVQA, "retrieval": SingleStreamForRetrieval,
+                      "referring": SingleStreamForReferring},
+}
+TASKS = tuple(TASK_MODELS["two-stream"])
 # Each task model's head (the official module names); a checkpoint holding it is a fine-tuned model of that task.
 TASK_HEADS = {"vqa": "vil_prediction.", "retrieval": "vil_logit.", "referring": "vision_logit."}
 ENCODER_PREFIX = "bert."
+# Only the two-stream encoder has a visual stream, and it always has one (the config requires v_num_hidden_layers >= 1).
+VISUAL_STREAM_PREFIX = "bert.encoder.v_layer."
 
 
-def _task_class(task: str):
-    if task not in TASK_MODELS:
-        raise ValueError(f"task must be one of {sorted(TASK_MODELS)}, got {task!r}")
-    return TASK_MODELS[task]
+def task_model_class(task: str, architecture: str = "two-stream"):
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+    return TASK_MODELS[architecture][task]
+
+
+def checkpoint_architecture(keys: Iterable[str], where: str) -> str:
+    """"two-stream" or "single-stream": which encoder a state dict of ours (pretraining or task model) holds."""
+    keys = list(keys)
+    if any(k.startswith(VISUAL_STREAM_PREFIX) for k in keys):
+        return "two-stream"
+    if any(k.startswith(ENCODER_PREFIX + "encoder.layer.") for k in keys):
+        return "single-stream"
+    raise ValueError(f"{where} holds no ViLBERT encoder (no {ENCODER_PREFIX}encoder.* tensors)")
+
+
+def _check_architecture(found: str, asked: Optional[str], where: str) -> None:
+    if asked is not None and asked != found:
+        has = "has" if found == "two-stream" else "has no"
+        raise ValueError(f"{where} is a {found} checkpoint (it {has} visual-stream layers {VISUAL_STREAM_PREFIX}*), "
+                         f"but architecture {asked!r} was asked for: pass a {asked} checkpoint, or leave the "
+                         f"architecture out to use the checkpoint's")
 
 
 def load_task_model(task: str, init: Optional[str], config: Optional[ViLBERTConfig] = None,
-                    backend: Optional[str] = None, num_answers: Optional[int] = None, require_head: bool = False):
+                    backend: Optional[str] = None, num_answers: Optional[int] = None, require_head: bool = False,
+                    architecture: Optional[str] = None):
     """The task model (see the module docstring). num_answers (VQA): the answer vocabulary's size, which a checkpoint
     of ours or a fresh config is set to; a fine-tuned VQA checkpoint must already have it. require_head: the
-    checkpoint must hold the task head (for evaluation: a random head would give a meaningless number)."""
-    cls = _task_class(task)
+    checkpoint must hold the task head (for evaluation: a random head would give a meaningless number).
+    architecture: "two-stream", "single-stream" or None (the checkpoint's; two-stream without one)."""
+    cls = task_model_class(task, architecture or "two-stream")
     overrides = {} if num_answers is None else {"num_answers": num_answers}
     if init is None:
         if config is None:
@@ -52,6 +90,9 @@ def load_task_model(task: str, init: Optional[str], config: Optional[ViLBERTConf
         raise FileNotFoundError(f"checkpoint {init!r} does not exist")
     if path.is_dir() and (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file():
         state = read_state_dict(path / WEIGHTS_NAME)
+        found = checkpoint_architecture(state, str(path / WEIGHTS_NAME))
+        _check_architecture(found, architecture, init)
+        cls = task_model_class(task, found)
         saved = ViLBERTConfig.from_json(path / CONFIG_NAME)
         if any(k.startswith(TASK_HEADS[task]) for k in state):  # a fine-tuned model of this task
             if num_answers is not None and saved.num_answers != num_answers:
@@ -66,6 +107,9 @@ def load_task_model(task: str, init: Optional[str], config: Optional[ViLBERTConf
         return model
 
     # An official checkpoint: a .bin file, or a directory with one.
+    if architecture == "single-stream":
+        raise ValueError(f"{init}: official ViLBERT checkpoints are two-stream; the single-stream baseline loads "
+                         f"from a directory written by save_pretrained (e.g. pretrain.py --architecture single-stream)")
     if config is None:
         raise ValueError(f"{init}: not a directory from save_pretrained (no {CONFIG_NAME} + {WEIGHTS_NAME}); an "
                          f"official checkpoint needs its config (--model bert_base_6layer_6conect.json)")
@@ -90,26 +134,35 @@ def _load_encoder(model, state, where: str) -> None:
                          f"({len(encoder_missing)} in all) of the {ENCODER_PREFIX}* tensors")
 
 
-def load_alignment_model(init: str, backend: Optional[str] = None) -> ViLBERTForPretraining:
-    """The pretraining model of a checkpoint directory, for zero-shot retrieval with its alignment head."""
-    if init is None or not os.path.isdir(init):
-        raise FileNotFoundError(f"zero-shot retrieval needs a pretrained checkpoint directory, got {init!r}")
-    return ViLBERTForPretraining.from_pretrained(init, backend=backend)
+def load_alignment_model(init: str, backend: Optional[str] = None,
+                         architecture: Optional[str] = None) -> ViLBERTForPretraining:
+    """The pretraining model (ViLBERT or single-stream, as the checkpoint is; `architecture` must agree when given) of
+    a checkpoint directory, for zero-shot retrieval with its alignment head."""
+    weights = Path(init or "") / WEIGHTS_NAME
+    if init is None or not weights.is_file():
+        raise FileNotFoundError(f"zero-shot retrieval needs a pretrained checkpoint directory (with {WEIGHTS_NAME}), "
+                                f"got {init!r}")
+    from safetensors import safe_open
+    with safe_open(str(weights), framework="pt") as f:  # the keys only, not the tensors
+        found = checkpoint_architecture(f.keys(), str(weights))
+    _check_architecture(found, architecture, init)
+    return PRETRAINING_MODELS[found].from_pretrained(init, backend=backend)
 
 
-def alignment_score(model: ViLBERTForPretraining):
+def alignment_score(model: ViLBERTForPretraining) -> PairScorer:
     """score_fn for `score_all_pairs`: the alignment head's log-odds that the caption belongs to the image."""
-    def score(batch):
-        logits = model(**batch).align_logits.float()  # (rows, 2)
+    def head(out):  # the align_logits of ViLBERTForPretraining.forward, from the encoder's output
+        joint = model.dropout(fuse(model.config, out.pooled_text, out.pooled_image))
+        logits = model.cls.bi_seq_relationship(joint).float()  # (rows, 2)
         return logits[:, 1] - logits[:, 0]
-    return score
+    return PairScorer(model.bert, head)
 
 
-def retrieval_score(model: ViLBERTForRetrieval):
+def retrieval_score(model: ViLBERTForRetrieval) -> PairScorer:
     """score_fn for `score_all_pairs`: the fine-tuned pair-score head (vil_logit)."""
-    def score(batch):
-        return model(**batch).logits
-    return score
+    def head(out):  # the logits of ViLBERTForRetrieval.forward, from the encoder's output
+        return model.vil_logit(model._joint(out)).squeeze(-1)  # (rows,)
+    return PairScorer(model.bert, head)
 
 
 @torch.no_grad()

@@ -13,6 +13,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from vilbert.model import ViLBERTOutput
+
 from .common import TaskCollator, encode_regions, encode_text, image_key, index_images, item_generator
 
 NUM_CHOICES = 4
@@ -114,26 +116,71 @@ def retrieval_eval_set(pairs: Sequence[Tuple[object, str]]) -> Tuple[list, List[
     return image_ids, captions, caption_image
 
 
+class PairScorer:
+    """Scores (caption, image) pairs with a model's encoder (`model.bert`) and a head on its ViLBERTOutput.
+
+    Called on a batch of pairs (the model's input keys), it runs the whole model: head(encoder(**batch)) -> (rows,).
+    For `score_all_pairs` it splits the work in three: `text` once per caption, `image` once per image, `pairs` per
+    (caption, chunk of images). With an encoder that has per-stream prefixes (ViLBERTModel's encode_text, encode_image,
+    fuse_streams) `text` and `image` run them and `pairs` only the fused rest; with any other encoder (the
+    single-stream model has no text-only layers) `text` and `image` keep the inputs and `pairs` runs the whole model.
+    """
+
+    def __init__(self, encoder: Callable[..., ViLBERTOutput], head: Callable[[ViLBERTOutput], torch.Tensor]):
+        self.encoder, self.head = encoder, head
+        self.shares_prefixes = all(hasattr(encoder, name) for name in ("encode_text", "encode_image", "fuse_streams"))
+
+    def __call__(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.head(self.encoder(**batch))
+
+    def text(self, input_ids, token_type_ids, text_lens) -> Dict[str, torch.Tensor]:
+        """(B, T) token ids and types, (B,) lengths -> the text side of `pairs`."""
+        if not self.shares_prefixes:
+            return {"input_ids": input_ids, "token_type_ids": token_type_ids, "text_lens": text_lens}
+        return {"text": self.encoder.encode_text(input_ids, token_type_ids, text_lens), "text_lens": text_lens}
+
+    def image(self, image_features, image_locations, image_lens) -> Dict[str, torch.Tensor]:
+        """(B, V, v_feature_size) features, (B, V, 5) locations, (B,) lengths -> the image side of `pairs`."""
+        if not self.shares_prefixes:
+            return {"image_features": image_features, "image_locations": image_locations, "image_lens": image_lens}
+        return {"image": self.encoder.encode_image(image_features, image_locations, image_lens),
+                "image_lens": image_lens}
+
+    def pairs(self, text: Dict[str, torch.Tensor], image: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """One caption's `text` (batch of 1) against R images' `image` -> (R,) scores."""
+        rows = image["image_lens"].shape[0]
+        text = {k: v.expand((rows,) + v.shape[1:]) for k, v in text.items()}  # the caption as (R, ...) views, no copy
+        if not self.shares_prefixes:
+            return self({**text, **image})
+        return self.head(self.encoder.fuse_streams(text["text"], image["image"], text["text_lens"],
+                                                   image["image_lens"]))
+
+
 @torch.no_grad()
 def score_all_pairs(score_fn: Callable[[Dict[str, torch.Tensor]], torch.Tensor], store, tokenizer,
                     image_ids: Sequence, captions: Sequence[str], image_chunk: int = 100,
                     max_text_len: int = 30, max_regions: int = 100, device="cpu") -> torch.Tensor:
     """The (I, C) score matrix of every image against every caption.
 
-    Each image is read and encoded once and the image side is padded and moved to the device once; each caption is
-    tokenized once and broadcast over chunks of `image_chunk` images, so one model call scores one caption against
-    `image_chunk` images. score_fn(batch) -> (rows,) scores (e.g. the retrieval head's logit or the alignment logit).
+    Each image is read, encoded and padded once, and each caption tokenized once; one caption is scored against
+    `image_chunk` images per model call. score_fn: a `PairScorer` (vilbert.tasks.models.retrieval_score or
+    alignment_score), whose model runs its text-only layers once per caption and its image-only layers once per image
+    where it has them; or any callable batch -> (rows,) scores, run on whole batches of pairs.
     """
+    if not isinstance(score_fn, PairScorer):
+        score_fn = PairScorer(encoder=lambda **batch: batch, head=score_fn)  # no prefixes: score_fn sees each batch
     image_index = index_images(store)
     images = TaskCollator()([encode_regions(store[image_index[image_key(i)]], max_regions) for i in image_ids])
-    images = {k: images[k].to(device) for k in ("image_features", "image_locations", "image_lens")}
+    chunks = [score_fn.image(*(images[k][start: start + image_chunk].to(device)
+                               for k in ("image_features", "image_locations", "image_lens")))
+              for start in range(0, len(image_ids), image_chunk)]
     scores = torch.empty(len(image_ids), len(captions))
     for c, caption in enumerate(captions):
-        text = {k: v.to(device) for k, v in encode_text(tokenizer, caption, max_text_len).items()}
-        for start in range(0, len(image_ids), image_chunk):
-            chunk = {k: v[start: start + image_chunk] for k, v in images.items()}
-            rows = chunk["image_lens"].shape[0]
-            batch = {k: v.expand((rows,) + v.shape) for k, v in text.items()}  # (rows, T) views, no copy
-            batch.update(chunk)
-            scores[start: start + rows, c] = score_fn(batch).float().cpu()
+        tokens = encode_text(tokenizer, caption, max_text_len)
+        text = score_fn.text(*(tokens[k][None].to(device) for k in ("input_ids", "token_type_ids", "text_lens")))
+        start = 0
+        for image in chunks:
+            rows = image["image_lens"].shape[0]
+            scores[start: start + rows, c] = score_fn.pairs(text, image).float().cpu()
+            start += rows
     return scores
