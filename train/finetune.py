@@ -61,9 +61,9 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pretrain import (IndexedCollator, IndexedDataset, UsageError, build_config, check_world_size,  # noqa: E402
-                      fill_output_paths, fill_schedule, ignore_stop_signals, load_ds_config, param_groups,
-                      save_checkpoint, set_rng_state)
+from pretrain import (IndexedCollator, IndexedDataset, UsageError, build_config, fill_output_paths,  # noqa: E402
+                      fill_schedule, ignore_stop_signals, load_ds_config, param_groups, resume_latest,
+                      save_checkpoint)
 
 from vilbert.data import ResumableSampler, load_tokenizer, open_store  # noqa: E402
 from vilbert.tasks.common import TaskCollator, model_inputs  # noqa: E402
@@ -353,18 +353,8 @@ def train_model(args, model, train, ds_config, rank, world_size):
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
 
-    step, epoch, consumed = 0, 0, 0  # optimizer steps; epoch; global samples consumed in this epoch
-    if args.resume and os.path.isfile(os.path.join(args.output_dir, "latest")):
-        check_world_size(args.output_dir, world_size)
-        load_path, client_state = engine.load_checkpoint(args.output_dir)
-        if load_path is None:
-            raise RuntimeError(f"could not load the checkpoint named by {args.output_dir}/latest")
-        step, epoch, consumed = client_state["step"], client_state["epoch"], client_state["consumed_samples"]
-        if len(client_state["rng"]) == world_size:
-            set_rng_state(client_state["rng"][rank])
-        if rank == 0:
-            print(f"finetune.py: resumed from {load_path} at step {step}, epoch {epoch}, sample {consumed}",
-                  flush=True)
+    # optimizer steps; epoch; global samples consumed in this epoch
+    step, epoch, consumed = resume_latest(engine, args.output_dir, world_size, rank) if args.resume else (0, 0, 0)
 
     mode = "a" if step else "w"  # a resumed run continues the logs; a fresh one replaces them
     metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), mode) if rank == 0 else None

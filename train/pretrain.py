@@ -66,6 +66,8 @@ from vilbert import SingleStreamForPretraining, ViLBERTConfig, ViLBERTForPretrai
 from vilbert.data import (IGNORE_INDEX, PretrainCollator, PretrainDataset, ResumableSampler, ensure_default_data,
                           load_tokenizer, open_store)
 
+# The running script ("pretrain.py", or "finetune.py", which shares these helpers), for messages.
+PROGRAM = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else "pretrain.py"
 METRIC_NAMES = ("loss", "mlm_loss", "region_loss", "align_loss")
 ARCHITECTURES = {"two-stream": ViLBERTForPretraining, "single-stream": SingleStreamForPretraining}
 
@@ -236,9 +238,26 @@ def check_world_size(output_dir, world_size):
         tag = f.read().strip()
     shards = glob.glob(os.path.join(output_dir, tag, "*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
     if shards and len(shards) != world_size:
-        raise SystemExit(f"pretrain.py: error: {output_dir}/{tag} was saved by {len(shards)} ranks, this run has "
+        raise SystemExit(f"{PROGRAM}: error: {output_dir}/{tag} was saved by {len(shards)} ranks, this run has "
                          f"{world_size}: use the same world size (or convert it with ds_to_universal and set "
                          f'"checkpoint": {{"load_universal": true}}), or pass --no_resume')
+
+
+def resume_latest(engine, output_dir, world_size, rank):
+    """Loads the newest checkpoint in output_dir into the engine and restores this rank's RNG states; returns
+    (optimizer step, epoch, samples consumed in that epoch), or (0, 0, 0) when output_dir holds none."""
+    if not os.path.isfile(os.path.join(output_dir, "latest")):
+        return 0, 0, 0
+    check_world_size(output_dir, world_size)
+    load_path, client_state = engine.load_checkpoint(output_dir)
+    if load_path is None:
+        raise RuntimeError(f"could not load the checkpoint named by {output_dir}/latest")
+    step, epoch, consumed = client_state["step"], client_state["epoch"], client_state["consumed_samples"]
+    if len(client_state["rng"]) == world_size:
+        set_rng_state(client_state["rng"][rank])
+    if rank == 0:
+        print(f"{PROGRAM}: resumed from {load_path} at step {step}, epoch {epoch}, sample {consumed}", flush=True)
+    return step, epoch, consumed
 
 
 def gather_objects(obj):
@@ -386,17 +405,8 @@ def main(argv=None):
     torch.manual_seed(args.seed + rank)
 
     os.makedirs(args.output_dir, exist_ok=True)
-    step, epoch, consumed = 0, 0, 0  # optimizer steps; epoch; global samples consumed in this epoch
-    if args.resume and os.path.isfile(os.path.join(args.output_dir, "latest")):
-        check_world_size(args.output_dir, world_size)
-        load_path, client_state = engine.load_checkpoint(args.output_dir)
-        if load_path is None:
-            raise RuntimeError(f"could not load the checkpoint named by {args.output_dir}/latest")
-        step, epoch, consumed = client_state["step"], client_state["epoch"], client_state["consumed_samples"]
-        if len(client_state["rng"]) == world_size:
-            set_rng_state(client_state["rng"][rank])
-        if rank == 0:
-            print(f"pretrain.py: resumed from {load_path} at step {step}, epoch {epoch}, sample {consumed}")
+    # optimizer steps; epoch; global samples consumed in this epoch
+    step, epoch, consumed = resume_latest(engine, args.output_dir, world_size, rank) if args.resume else (0, 0, 0)
 
     mode = "a" if step else "w"  # a resumed run continues the logs; a fresh one replaces them
     metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), mode) if rank == 0 else None
