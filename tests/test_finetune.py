@@ -22,7 +22,7 @@ import torch
 from vilbert import (SingleStreamForPretraining, SingleStreamForReferring, SingleStreamForRetrieval, SingleStreamForVQA,
                      ViLBERTConfig, ViLBERTForPretraining, ViLBERTForRetrieval, ViLBERTForVQA)
 from vilbert.data import load_tokenizer
-from vilbert.tasks.models import load_alignment_model, load_task_model
+from vilbert.tasks.models import load_pretraining_model, load_task_model
 from vilbert.tasks.synthetic import write_synthetic_tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -276,12 +276,12 @@ def test_load_task_model_architectures(single_stream_pretrained, tiny_config, tm
     assert isinstance(load_task_model("retrieval", None, config, architecture="single-stream"),
                       SingleStreamForRetrieval)
     assert isinstance(load_task_model("retrieval", None, config), ViLBERTForRetrieval)  # default: two-stream
-    assert isinstance(load_alignment_model(str(single_stream_pretrained)), SingleStreamForPretraining)
+    assert isinstance(load_pretraining_model(str(single_stream_pretrained)), SingleStreamForPretraining)
     # The architecture asked for must be the checkpoint's, and official checkpoints are two-stream.
     with pytest.raises(ValueError, match="is a single-stream checkpoint .* but architecture 'two-stream' was asked"):
         load_task_model("vqa", str(single_stream_pretrained), architecture="two-stream")
     with pytest.raises(ValueError, match="is a single-stream checkpoint"):
-        load_alignment_model(str(single_stream_pretrained), architecture="two-stream")
+        load_pretraining_model(str(single_stream_pretrained), architecture="two-stream")
     ViLBERTForPretraining(config).save_pretrained(tmp_path / "two")
     with pytest.raises(ValueError, match="is a two-stream checkpoint .* but architecture 'single-stream' was asked"):
         load_task_model("vqa", str(tmp_path / "two"), architecture="single-stream")

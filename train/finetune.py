@@ -69,7 +69,7 @@ from vilbert.data import ResumableSampler, load_tokenizer, open_store  # noqa: E
 from vilbert.tasks.common import TaskCollator, model_inputs  # noqa: E402
 from vilbert.tasks.metrics import retrieval_recall, summarize_recall, vqa_score_from_logits  # noqa: E402
 from vilbert.tasks.models import (ARCHITECTURES, TASKS, alignment_score, evaluate_batches,  # noqa: E402
-                                  load_alignment_model, load_task_model, retrieval_score)
+                                  load_pretraining_model, load_task_model, retrieval_score)
 from vilbert.tasks.referring import ReferringDataset, load_refs, referring_hits  # noqa: E402
 from vilbert.tasks.retrieval import (NUM_CHOICES, RetrievalTrainDataset, load_captions,  # noqa: E402
                                      retrieval_eval_set, score_all_pairs)
@@ -273,7 +273,7 @@ def main(argv=None):
                              f"({micro} x {world_size} ranks)")
         torch.manual_seed(args.seed)  # the same initial head weights on every rank
         if args.zero_shot:
-            model = load_alignment_model(args.init, backend=args.backend, architecture=args.architecture)
+            model = load_pretraining_model(args.init, backend=args.backend, architecture=args.architecture)
         else:
             model = load_task_model(args.task, args.init, config, backend=args.backend,
                                     num_answers=None if vocab is None else len(vocab), require_head=args.eval_only,

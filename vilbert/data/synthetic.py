@@ -118,22 +118,28 @@ def _caption(rng: np.random.Generator, objects: np.ndarray, boxes: np.ndarray) -
     return template.format(*(phrases[i] for i in chosen))
 
 
-def generate(num_images: int, seed: int = DEFAULT_SEED) -> Iterator[dict]:
-    """The first `num_images` synthetic records for `seed`."""
+def generate(num_images: int, seed: int = DEFAULT_SEED, first_index: int = 0) -> Iterator[dict]:
+    """Synthetic records first_index .. first_index + num_images - 1 for `seed`."""
     embeddings = class_embeddings(seed)
-    for index in range(num_images):
+    for index in range(first_index, first_index + num_images):
         yield make_image(seed, index, embeddings)
 
 
 def write_synthetic(path: str | os.PathLike, num_images: int = DEFAULT_NUM_IMAGES, seed: int = DEFAULT_SEED,
-                    progress: bool = False) -> dict:
-    """Writes the synthetic data as a native store at `path` (which must not exist); returns its header."""
+                    progress: bool = False, first_index: int = 0) -> dict:
+    """Writes the synthetic data as a native store at `path` (which must not exist); returns its header.
+
+    first_index > 0 gives images a store of the first `first_index` images lacks: held-out data for a model trained
+    on that store (the built-in data is the first DEFAULT_NUM_IMAGES)."""
     if num_images < 2:
         raise ValueError(f"num_images must be >= 2 (alignment negatives need another image), got {num_images}")
+    if first_index < 0:
+        raise ValueError(f"first_index must be >= 0, got {first_index}")
     from tqdm import tqdm
 
-    with StoreWriter(path, source=f"synthetic seed={seed}") as writer:
-        records = generate(num_images, seed)
+    source = f"synthetic seed={seed}" + (f" images {first_index}.." if first_index else "")
+    with StoreWriter(path, source=source) as writer:
+        records = generate(num_images, seed, first_index)
         for record in tqdm(records, total=num_images, unit="img", desc="synth", disable=not progress):
             writer.add(record)
     return writer.meta

@@ -134,13 +134,13 @@ def _load_encoder(model, state, where: str) -> None:
                          f"({len(encoder_missing)} in all) of the {ENCODER_PREFIX}* tensors")
 
 
-def load_alignment_model(init: str, backend: Optional[str] = None,
-                         architecture: Optional[str] = None) -> ViLBERTForPretraining:
+def load_pretraining_model(init: str, backend: Optional[str] = None,
+                           architecture: Optional[str] = None) -> ViLBERTForPretraining:
     """The pretraining model (ViLBERT or single-stream, as the checkpoint is; `architecture` must agree when given) of
-    a checkpoint directory, for zero-shot retrieval with its alignment head."""
+    a checkpoint directory: for zero-shot retrieval with its alignment head, or held-out pretraining metrics."""
     weights = Path(init or "") / WEIGHTS_NAME
     if init is None or not weights.is_file():
-        raise FileNotFoundError(f"zero-shot retrieval needs a pretrained checkpoint directory (with {WEIGHTS_NAME}), "
+        raise FileNotFoundError(f"need a pretraining checkpoint directory (from save_pretrained, with {WEIGHTS_NAME}), "
                                 f"got {init!r}")
     from safetensors import safe_open
     with safe_open(str(weights), framework="pt") as f:  # the keys only, not the tensors
