@@ -34,7 +34,7 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.7"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.7", "tensorboard>=2.14"],
         "bench": ["matplotlib>=3.7"],
         # Optional accelerators: detected at import, never required (neither builds on a machine without CUDA).
         "flash": ["flash-attn>=2.6"],

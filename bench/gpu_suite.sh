@@ -5,8 +5,9 @@
 #
 # Installs the wheels carried in .whl/ (bench/prepare_wheels.sh fills it), installs the project (editable, no deps),
 # records nvidia-smi and versions, then runs: the sm_90 compile check, `pytest -m gpu`, the kernel tests compiled
-# (on a GPU conftest does not set the interpreter), and the kernels, ops and model benchmarks. Every step has its own
-# timeout, capped so that the whole suite ends inside TOTAL_S seconds (default 420: well inside 8 minutes); a failing
+# (on a GPU conftest does not set the interpreter), the kernels, ops and model benchmarks, and a short pretraining
+# run (train/ds.json: bf16, Triton backend) for its samples/s. Every step has its own
+# timeout, capped so that the whole suite ends inside TOTAL_S seconds (default 470: inside 8 minutes); a failing
 # step never stops the later ones. Logs, JSON, markdown and plots go under OUT_DIR; OUT_DIR/summary.txt has one line
 # per step with its exit code (124 = timed out) and seconds. --dry-run writes the summary with the commands it would
 # run, running none of them (what CI checks on a machine without a GPU).
@@ -24,7 +25,7 @@ mkdir -p "$OUT_DIR/logs" "$OUT_DIR/bench" || exit 2
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 SUMMARY="$OUT_DIR/summary.txt"
 PYTHON=${PYTHON:-python3}
-TOTAL_S=${TOTAL_S:-420}
+TOTAL_S=${TOTAL_S:-470}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # compiled kernels on the GPU; the compile check must not run in the interpreter
@@ -93,7 +94,7 @@ PY
 fi
 
 # 4. Checks, then 5. benchmarks. RESERVE_S keeps time for the benchmarks while the checks run.
-RESERVE_S=270
+RESERVE_S=320
 run_step compile_check 45 "$PYTHON" -m vilbert_kernels.compile_check
 run_step pytest_gpu 75 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests
 KERNEL_TESTS=()
@@ -104,12 +105,18 @@ if ((${#KERNEL_TESTS[@]})); then
     run_step pytest_kernels 75 "$PYTHON" -m pytest -q -p no:cacheprovider "${KERNEL_TESTS[@]}"
 fi
 # The benchmarks stop starting new cases at --budget-s and write what they have; the timeout is the backstop.
-RESERVE_S=145
+RESERVE_S=195
 run_step bench_kernels 125 "$PYTHON" -m bench kernels --quick --out "$OUT_DIR/bench" --budget-s 95
-RESERVE_S=100
+RESERVE_S=150
 run_step bench_ops 45 "$PYTHON" -m bench ops --quick --out "$OUT_DIR/bench" --budget-s 30
-RESERVE_S=0
+RESERVE_S=50
 run_step bench_model 100 "$PYTHON" -m bench model --quick --out "$OUT_DIR/bench" --budget-s 50
+# 6. The main job on the GPU (issue: "the same command on one GPU with bf16 and the Triton backend; record samples/s"):
+#    the small model, train/ds.json, a world of one without the launcher; metrics.jsonl has samples_per_s.
+RESERVE_S=0
+run_step pretrain_gpu 50 "$PYTHON" train/pretrain.py --deepspeed_config train/ds.json --max_steps 30 --log_interval 5 \
+    --output_dir "$OUT_DIR/pretrain" --num_workers 4 --save_interval 1000000
+rm -rf "$OUT_DIR"/pretrain/global_step* "$OUT_DIR"/pretrain/final  # a 30-step run's weights: not worth bringing back
 
 echo "total seconds=$(($(date +%s) - START))" >>"$SUMMARY"
 # For a reader of the console tail: our rows in one line each, then the summary, last.

@@ -183,6 +183,25 @@ def test_single_stream_architecture_trains_and_exports(tmp_path, store):
         ViLBERTForPretraining.from_pretrained(tmp_path / "final")
 
 
+def test_tensorboard_monitor_gets_the_metrics_lines(tmp_path, store):
+    """"tensorboard": {"enabled": true} in the JSON: DeepSpeed's monitor writes output_dir/tensorboard, one scalar per
+    metrics.jsonl field and log step, at the global sample count."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    config_path = ds_config(tmp_path)
+    with open(config_path) as f:
+        config = json.load(f)
+    config["tensorboard"] = {"enabled": True, "job_name": "pretrain"}
+    run(1, tmp_path, "--data", store, "--model", model_config(tmp_path, dropout=0.0), "--max_steps", "3",
+        "--deepspeed_config", write_json(tmp_path / "ds_tensorboard.json", config))
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard" / "pretrain"))
+    events.Reload()
+    for name in ("loss", "align_acc", "mlm_acc", "lr"):
+        logged = [(e.step, e.value) for e in events.Scalars(f"Train/{name}")]
+        expected = [(r["samples"], r[name]) for _, r in sorted(metrics(tmp_path).items())]
+        assert [step for step, _ in logged] == [step for step, _ in expected], name
+        assert [value for _, value in logged] == pytest.approx([value for _, value in expected], rel=1e-6), name
+
+
 # ---- resume --------------------------------------------------------------------------------------------------------
 def interrupt_and_resume(directory, common, ranks, sig, at_step):
     """Runs `common` with `sig` sent once step `at_step` is logged, then runs it again (resuming); returns the dir."""
