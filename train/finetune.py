@@ -61,9 +61,9 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pretrain import (IndexedCollator, IndexedDataset, UsageError, build_config, fill_output_paths,  # noqa: E402
-                      fill_schedule, ignore_stop_signals, load_ds_config, param_groups, resume_latest,
-                      save_checkpoint)
+from pretrain import (IndexedCollator, IndexedDataset, UsageError, add_run_arguments, build_config,  # noqa: E402
+                      check_run_arguments, fill_output_paths, fill_schedule, ignore_stop_signals, load_ds_config,
+                      param_groups, resume_latest, save_checkpoint)
 
 from vilbert.data import ResumableSampler, load_tokenizer, open_store  # noqa: E402
 from vilbert.tasks.common import TaskCollator, model_inputs  # noqa: E402
@@ -97,18 +97,6 @@ def parse_args(argv=None):
                              "two-stream for --init none and official checkpoints)")
     parser.add_argument("--vocab_file", help="BERT vocab.txt (default: the vocab shipped for the built-in data)")
     parser.add_argument("--answers", help="VQA answer vocabulary JSON list (default: the top 3129 train answers)")
-    parser.add_argument("--output_dir", default="runs/finetune")
-    parser.add_argument("--max_steps", type=int, help="optimizer steps (overrides --epochs)")
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--backend", choices=("torch", "sdpa", "triton"),
-                        help="op backend (default: triton on a GPU, torch on the CPU)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no_resume", dest="resume", action="store_false",
-                        help="start fresh even if output_dir holds a checkpoint (default: resume from the latest)")
-    parser.add_argument("--save_interval", type=int, default=1000, help="optimizer steps between checkpoints")
-    parser.add_argument("--keep_last", type=int, default=2, help="checkpoints kept in output_dir")
-    parser.add_argument("--log_samples", action="store_true",
-                        help="write the dataset indices of every step to output_dir/samples_rank<r>.jsonl")
     parser.add_argument("--max_regions", type=int, default=100, help="regions per image (+ the IMG token)")
     parser.add_argument("--eval_only", action="store_true", help="evaluate --init on the val split, no training")
     parser.add_argument("--zero_shot", action="store_true",
@@ -117,11 +105,8 @@ def parse_args(argv=None):
     parser.add_argument("--eval_batch_size", type=int, default=64)
     parser.add_argument("--max_eval_images", type=int,
                         help="retrieval: evaluate on the first N val images and their captions (default: all)")
-    parser.add_argument("--log_interval", type=int, default=10, help="optimizer steps per metrics line")
-    parser.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes per rank")
-    parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
-    parser = deepspeed.add_config_arguments(parser)
-    args = parser.parse_args(argv)
+    add_run_arguments(parser, output_dir="runs/finetune", num_workers=0)
+    args = check_run_arguments(parser.parse_args(argv), cpu_config="train/ds_finetune_cpu.json")
     args.init = None if args.init == "none" else args.init
     if args.zero_shot:
         if args.task != "retrieval":
@@ -131,13 +116,9 @@ def parse_args(argv=None):
         raise UsageError("--eval_only needs a checkpoint (--init DIR)")
     if args.init is not None and not os.path.exists(args.init):
         raise UsageError(f"--init {args.init!r} does not exist")
-    for name in ("log_interval", "eval_batch_size", "max_regions", "save_interval", "keep_last"):
+    for name in ("eval_batch_size", "max_regions"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise UsageError(f"--max_steps must be >= 1, got {args.max_steps}")
-    if not args.deepspeed_config:
-        raise UsageError("--deepspeed_config is required (train/ds.json on GPUs, train/ds_finetune_cpu.json on a CPU)")
     return args
 
 

@@ -85,7 +85,15 @@ def parse_args(argv=None):
     parser.add_argument("--init_bert", help="BERT checkpoint dir for the text stream")
     parser.add_argument("--vocab_file", help="WordPiece vocab.txt (default: <init_bert>/vocab.txt if there, else the "
                                              "vocab of the built-in data)")
-    parser.add_argument("--output_dir", default="runs/pretrain")
+    add_run_arguments(parser, output_dir="runs/pretrain", num_workers=2)
+    parser.add_argument("--drop_masked_loss_on_negatives", action="store_true",
+                        help="no MLM/region loss on pairs whose caption was swapped")
+    return check_run_arguments(parser.parse_args(argv))
+
+
+def add_run_arguments(parser, output_dir, num_workers):
+    """The options pretraining and fine-tuning share: output, length, backend, seed, checkpoints, logging, launcher."""
+    parser.add_argument("--output_dir", default=output_dir)
     parser.add_argument("--max_steps", type=int, help="optimizer steps (overrides --epochs)")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--backend", choices=("torch", "sdpa", "triton"),
@@ -96,21 +104,24 @@ def parse_args(argv=None):
     parser.add_argument("--log_interval", type=int, default=10, help="optimizer steps per metrics line")
     parser.add_argument("--save_interval", type=int, default=1000, help="optimizer steps between checkpoints")
     parser.add_argument("--keep_last", type=int, default=2, help="checkpoints kept in output_dir")
-    parser.add_argument("--drop_masked_loss_on_negatives", action="store_true",
-                        help="no MLM/region loss on pairs whose caption was swapped")
-    parser.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes per rank")
+    parser.add_argument("--num_workers", type=int, default=num_workers, help="DataLoader worker processes per rank")
     parser.add_argument("--log_samples", action="store_true",
                         help="write the dataset indices of every step to output_dir/samples_rank<r>.jsonl")
     parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
-    parser = deepspeed.add_config_arguments(parser)
-    args = parser.parse_args(argv)
+    deepspeed.add_config_arguments(parser)
+
+
+def check_run_arguments(args, cpu_config="train/ds_cpu.json"):
+    """UsageError for a bad value of the options add_run_arguments added; returns args."""
     for name in ("log_interval", "save_interval", "keep_last"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
         raise UsageError(f"--max_steps must be >= 1, got {args.max_steps}")
+    if args.num_workers < 0:
+        raise UsageError(f"--num_workers must be >= 0, got {args.num_workers}")
     if not args.deepspeed_config:
-        raise UsageError("--deepspeed_config is required (train/ds.json on GPUs, train/ds_cpu.json on a CPU)")
+        raise UsageError(f"--deepspeed_config is required (train/ds.json on GPUs, {cpu_config} on a CPU)")
     return args
 
 

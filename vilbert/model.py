@@ -533,8 +533,7 @@ class ViLBERTForPretraining(CheckpointMixin, nn.Module):
         text_for_mlm = out.text_hidden if mlm_labels is None else out.text_hidden[mlm_labels != IGNORE_INDEX]
         mlm_logits = self.cls.predictions(text_for_mlm)  # (N, vocab) or (B, T, vocab)
         region_logits = self.cls.imagePredictions(out.image_hidden)  # (B, V, v_target_size)
-        joint = self.dropout(fuse(self.config, out.pooled_text, out.pooled_image))
-        align_logits = self.cls.bi_seq_relationship(joint)  # (B, 2)
+        align_logits = self.alignment_logits(out)  # (B, 2)
 
         losses = {}
         if mlm_labels is not None:
@@ -553,6 +552,10 @@ class ViLBERTForPretraining(CheckpointMixin, nn.Module):
         loss = sum(losses.values()) if losses else None
         return PretrainingOutput(**vars(out), mlm_logits=mlm_logits, region_logits=region_logits,
                                  align_logits=align_logits, loss=loss, **losses, **metrics)
+
+    def alignment_logits(self, out: ViLBERTOutput) -> torch.Tensor:
+        """The alignment head on an encoder output: (B, 2) logits, index 1 = the caption belongs to the image."""
+        return self.cls.bi_seq_relationship(self.dropout(fuse(self.config, out.pooled_text, out.pooled_image)))
 
 
 def _check_labels(B, T, V, num_classes, mlm_labels, region_targets, region_mask, is_aligned):
@@ -639,7 +642,7 @@ class ViLBERTForRetrieval(_TaskModel):
         """The batch holds groups of num_choices consecutive pairs; choice_labels (B / num_choices,) int64 is the index
         of the right pair in each group; loss = CE over each group's scores."""
         out = self.bert(input_ids, image_features, image_locations, token_type_ids, text_lens, image_lens)
-        scores = self.vil_logit(self._joint(out)).squeeze(-1)  # (B,)
+        scores = self.pair_scores(out)  # (B,)
         loss = None
         if choice_labels is not None:
             if choice_labels.dim() != 1 or len(choice_labels) == 0 or len(scores) % len(choice_labels):
@@ -647,6 +650,10 @@ class ViLBERTForRetrieval(_TaskModel):
                                  f"got shape {tuple(choice_labels.shape)}")
             loss = F.cross_entropy(scores.float().view(len(choice_labels), -1), choice_labels)  # (groups, num_choices)
         return TaskOutput(**vars(out), logits=scores, loss=loss)
+
+    def pair_scores(self, out: ViLBERTOutput) -> torch.Tensor:
+        """The pair-score head on an encoder output: (B,) matching scores."""
+        return self.vil_logit(self._joint(out)).squeeze(-1)
 
 
 class ViLBERTForReferring(_TaskModel):

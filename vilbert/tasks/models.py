@@ -23,7 +23,6 @@ from vilbert import (SingleStreamForPretraining, SingleStreamForReferring, Singl
                      SingleStreamForVQA, ViLBERTConfig, ViLBERTForPretraining, ViLBERTForReferring,
                      ViLBERTForRetrieval, ViLBERTForVQA)
 from vilbert.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_state_dict
-from vilbert.model import fuse
 
 from .common import model_inputs
 from .metrics import vqa_score_from_logits
@@ -151,18 +150,15 @@ def load_pretraining_model(init: str, backend: Optional[str] = None,
 
 def alignment_score(model: ViLBERTForPretraining) -> PairScorer:
     """score_fn for `score_all_pairs`: the alignment head's log-odds that the caption belongs to the image."""
-    def head(out):  # the align_logits of ViLBERTForPretraining.forward, from the encoder's output
-        joint = model.dropout(fuse(model.config, out.pooled_text, out.pooled_image))
-        logits = model.cls.bi_seq_relationship(joint).float()  # (rows, 2)
+    def head(out):
+        logits = model.alignment_logits(out).float()  # (rows, 2)
         return logits[:, 1] - logits[:, 0]
     return PairScorer(model.bert, head)
 
 
 def retrieval_score(model: ViLBERTForRetrieval) -> PairScorer:
     """score_fn for `score_all_pairs`: the fine-tuned pair-score head (vil_logit)."""
-    def head(out):  # the logits of ViLBERTForRetrieval.forward, from the encoder's output
-        return model.vil_logit(model._joint(out)).squeeze(-1)  # (rows,)
-    return PairScorer(model.bert, head)
+    return PairScorer(model.bert, model.pair_scores)
 
 
 @torch.no_grad()
