@@ -11,8 +11,8 @@ from vilbert.data import (IGNORE_INDEX, BadRecordError, PretrainCollator, Pretra
                           StoreWriter, ensure_default_data, image_locations, load_tokenizer, open_store,
                           write_synthetic)
 from vilbert.data import pretrain as pretrain_module
-from vilbert.data.synthetic import (CLASS_INDEX, OBJECT_NAMES, RELATIONS, class_embeddings, generate, make_image,
-                                    noun_phrase, vocabulary_words)
+from vilbert.data.synthetic import (CLASS_INDEX, MAX_NAMED, OBJECT_NAMES, RELATIONS, class_embeddings, generate,
+                                    make_image, noun_phrase, vocabulary_words)
 
 NUM_IMAGES = 120
 
@@ -58,26 +58,25 @@ def test_tokenizer_specials_encode_decode(tokenizer, tmp_path):
 # ---------------------------------------------------------------------------------------------------- synthetic data
 
 
-CAPTION_PATTERNS = [re.compile(p.format(*(["(?P<a>.+)", "(?P<b>.+)", "(?P<c>.+)"]), relation="(?P<relation>.+)"))
-                    for p in ("^{0} (?P<relation>to the left of|to the right of|above|below) {1}$", "^a photo of {0}$",
-                              "^there is {0} in the image$", "^{0} , {1} and {2}$", "^{0} and {1}$", "^{0} with {1}$",
-                              "^{0}$")]
+RELATION_PATTERN = re.compile(f"^(?P<a>.+) (?P<relation>{'|'.join(RELATIONS)}) (?P<b>.+)$")
 
 
 def parse_caption(caption):
-    """(named object numbers, relation or None) of a synthetic caption."""
+    """(named object numbers in caption order, relation or None) of a synthetic caption: noun phrases joined by " , "
+    and a last " and ", the first one possibly "<a> <relation> <b>"."""
     phrases = {noun_phrase(name): k for k, name in enumerate(OBJECT_NAMES)}
-    for pattern in CAPTION_PATTERNS:
-        match = pattern.match(caption)
-        if match and all(match[g] in phrases for g in ("a", "b", "c") if g in match.groupdict()):
-            named = [phrases[match[g]] for g in ("a", "b", "c") if g in match.groupdict()]
-            return named, match.groupdict().get("relation")
-    raise AssertionError(f"caption {caption!r} matches no template")
+    head, _, last = caption.rpartition(" and ")
+    parts = [*head.split(" , "), last] if head else [last]
+    relation = RELATION_PATTERN.match(parts[0])
+    if relation:
+        parts[:1] = [relation["a"], relation["b"]]
+    assert all(part in phrases for part in parts), f"caption {caption!r} is not a list of noun phrases"
+    return [phrases[part] for part in parts], relation and relation["relation"]
 
 
 def test_synthetic_captions_match_regions(tokenizer):
     embeddings = class_embeddings(seed=3)
-    relations_seen = set()
+    relations_seen, lengths = set(), []
     for record in generate(200, seed=3):
         objects = list(record["objects"])
         # The detector-like distribution and the features both identify each region's class.
@@ -92,12 +91,15 @@ def test_synthetic_captions_match_regions(tokenizer):
         for caption in record["captions"]:
             named, relation = parse_caption(caption)
             assert all(k in objects for k in named), (caption, [OBJECT_NAMES[k] for k in objects])
+            assert len(set(named)) == len(named) and 2 <= len(named) <= min(len(objects), MAX_NAMED), caption
             if relation:
-                a, b = (record["boxes"][objects.index(k)] for k in named)
+                a, b = (record["boxes"][objects.index(k)] for k in named[:2])
                 assert RELATIONS[relation](a, b), (caption, a, b)
                 relations_seen.add(relation)
+            lengths.append(len(tokenizer.encode(caption, 64)))
             assert tokenizer.unk_id not in tokenizer.encode(caption, 64)
     assert relations_seen == set(RELATIONS)
+    assert max(lengths) <= 20  # 18 word pieces at most + [CLS] + [SEP]: short captions keep the CPU demo fast
 
 
 def test_synthetic_is_deterministic_from_seed():
@@ -115,7 +117,7 @@ def _ensure(path, queue):
 
 
 def test_ensure_default_data_is_atomic_across_processes(tmp_path, monkeypatch):
-    path = tmp_path / "cache" / "synthetic-v1"
+    path = tmp_path / "cache" / "synthetic"
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     workers = [context.Process(target=_ensure, args=(str(path), queue)) for _ in range(2)]

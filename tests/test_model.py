@@ -139,7 +139,7 @@ def test_forward_backward(backend):
     out = model(**batch)
     n_targets = int((batch["mlm_labels"] != -100).sum())
     assert out.mlm_logits.shape == (n_targets, config.vocab_size)
-    assert out.region_logits.shape == (2, 4, config.v_target_size)
+    assert out.region_logits.shape == (int(batch["region_mask"].sum()), config.v_target_size)
     assert out.align_logits.shape == (2, 2)
     assert out.text_hidden.shape == (2, 5, config.hidden_size)
     assert out.image_hidden.shape == (2, 4, config.v_hidden_size)
@@ -230,7 +230,7 @@ def test_losses_against_float64_formulas():
     batch = make_batch(config, [4, 6], [5, 3])
     with torch.no_grad():
         out = model(**batch)
-        full = model(**{k: v for k, v in batch.items() if k != "mlm_labels"})
+        full = model(**{k: v for k, v in batch.items() if k not in ("mlm_labels", "region_targets", "region_mask")})
     targets = batch["mlm_labels"] != -100
     torch.testing.assert_close(out.mlm_logits, full.mlm_logits[targets])  # masked rows = the same rows of all logits
     mlm = F.cross_entropy(full.mlm_logits.double().flatten(0, 1), batch["mlm_labels"].flatten(), ignore_index=-100)
@@ -256,13 +256,25 @@ def test_losses_without_targets_are_zero_not_nan():
     out.loss.backward()
 
 
-def test_region_kl_loss_counts_only_masked_regions():
-    logits = torch.randn(2, 3, 5)
-    targets = torch.softmax(torch.randn(2, 3, 5), -1)
-    targets[0, 1] = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0])  # zeros in the target: 0 log 0 = 0
-    mask = torch.tensor([[False, True, True], [False, False, False]])
-    expected = sum(F.kl_div(F.log_softmax(logits[0, j], -1), targets[0, j], reduction="sum") for j in (1, 2)) / 2
-    torch.testing.assert_close(region_kl_loss(logits, targets, mask), expected)
+def test_region_kl_loss():
+    logits = torch.randn(3, 5)
+    targets = torch.softmax(torch.randn(3, 5), -1)
+    targets[1] = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0])  # zeros in the target: 0 log 0 = 0
+    expected = sum(F.kl_div(F.log_softmax(logits[j], -1), targets[j], reduction="sum") for j in range(3)) / 3
+    torch.testing.assert_close(region_kl_loss(logits, targets), expected)
+    assert region_kl_loss(logits[:0], targets[:0]).item() == 0.0  # no masked region: zero, not NaN
+
+
+def test_region_logits_only_at_masked_regions():
+    torch.manual_seed(4)
+    config = tiny()
+    model = ViLBERTForPretraining(config).eval()
+    batch = make_batch(config, [4, 6], [5, 3])
+    with torch.no_grad():
+        out = model(**batch)
+        full = model(**{k: v for k, v in batch.items() if k not in ("region_targets", "region_mask")})
+    assert full.region_logits.shape == (2, 5, config.v_target_size) and batch["region_mask"].sum() >= 2
+    torch.testing.assert_close(out.region_logits, full.region_logits[batch["region_mask"]])
 
 
 def test_outputs_without_labels():

@@ -62,8 +62,8 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pretrain import (IndexedCollator, IndexedDataset, UsageError, add_run_arguments, build_config,  # noqa: E402
-                      check_run_arguments, fill_output_paths, fill_schedule, ignore_stop_signals, load_ds_config,
-                      param_groups, resume_latest, save_checkpoint)
+                      check_run_arguments, default_workers, fill_output_paths, fill_schedule, ignore_stop_signals,
+                      load_ds_config, param_groups, resume_latest, save_checkpoint)
 
 from vilbert.data import ResumableSampler, load_tokenizer, open_store  # noqa: E402
 from vilbert.tasks.common import TaskCollator, model_inputs  # noqa: E402
@@ -105,7 +105,7 @@ def parse_args(argv=None):
     parser.add_argument("--eval_batch_size", type=int, default=64)
     parser.add_argument("--max_eval_images", type=int,
                         help="retrieval: evaluate on the first N val images and their captions (default: all)")
-    add_run_arguments(parser, output_dir="runs/finetune", num_workers=0)
+    add_run_arguments(parser, output_dir="runs/finetune", gpu_workers=2)
     args = check_run_arguments(parser.parse_args(argv), cpu_config="train/ds_finetune_cpu.json")
     args.init = None if args.init == "none" else args.init
     if args.zero_shot:
@@ -236,6 +236,7 @@ def main(argv=None):
             print(f"finetune.py: error: {e}", file=sys.stderr)
         return 2
     args.backend = args.backend or ("triton" if on_gpu else "torch")
+    default_workers(args, on_gpu)
 
     deepspeed.init_distributed()
     if on_gpu:

@@ -3,9 +3,9 @@
 Launch (batch sizes in the JSON are global -- train_batch_size and the micro batch per rank; DeepSpeed derives the
 gradient accumulation -- so one file fits every world size):
 
-    # any CPU machine, the built-in synthetic data (generated on first use); ~6.5 minutes on 2 cores, ending near
-    # mlm_acc 0.7, align_acc 0.7 (held-out numbers: train/evaluate_pretraining.py --init runs/pretrain/final):
-    deepspeed --num_gpus 1 train/pretrain.py --deepspeed_config train/ds_cpu.json --max_steps 1000
+    # any CPU machine, the built-in synthetic data (generated on first use); ~7 minutes on 2 cores, ending near
+    # mlm_acc 0.73, align_acc 0.75 (held-out numbers: train/evaluate_pretraining.py --init runs/pretrain/final):
+    deepspeed --num_gpus 1 train/pretrain.py --deepspeed_config train/ds_cpu.json --max_steps 1200
     # one GPU: bf16 with fp32 gradient accumulation, ZeRO-2, the Triton kernels:
     deepspeed --num_gpus 1 train/pretrain.py --deepspeed_config train/ds.json --model vilbert-base \
         --data /data/cc_features --init_bert bert-base-uncased/
@@ -85,14 +85,15 @@ def parse_args(argv=None):
     parser.add_argument("--init_bert", help="BERT checkpoint dir for the text stream")
     parser.add_argument("--vocab_file", help="WordPiece vocab.txt (default: <init_bert>/vocab.txt if there, else the "
                                              "vocab of the built-in data)")
-    add_run_arguments(parser, output_dir="runs/pretrain", num_workers=2)
+    add_run_arguments(parser, output_dir="runs/pretrain", gpu_workers=2)
     parser.add_argument("--drop_masked_loss_on_negatives", action="store_true",
                         help="no MLM/region loss on pairs whose caption was swapped")
     return check_run_arguments(parser.parse_args(argv))
 
 
-def add_run_arguments(parser, output_dir, num_workers):
-    """The options pretraining and fine-tuning share: output, length, backend, seed, checkpoints, logging, launcher."""
+def add_run_arguments(parser, output_dir, gpu_workers):
+    """The options pretraining and fine-tuning share: output, length, backend, seed, checkpoints, logging, launcher.
+    --num_workers is left None for `default_workers` to settle once the device is known."""
     parser.add_argument("--output_dir", default=output_dir)
     parser.add_argument("--max_steps", type=int, help="optimizer steps (overrides --epochs)")
     parser.add_argument("--epochs", type=float, default=1.0)
@@ -104,7 +105,9 @@ def add_run_arguments(parser, output_dir, num_workers):
     parser.add_argument("--log_interval", type=int, default=10, help="optimizer steps per metrics line")
     parser.add_argument("--save_interval", type=int, default=1000, help="optimizer steps between checkpoints")
     parser.add_argument("--keep_last", type=int, default=2, help="checkpoints kept in output_dir")
-    parser.add_argument("--num_workers", type=int, default=num_workers, help="DataLoader worker processes per rank")
+    parser.add_argument("--num_workers", type=int,
+                        help=f"DataLoader worker processes per rank (default: {gpu_workers} with a GPU, 0 on the CPU)")
+    parser.set_defaults(gpu_workers=gpu_workers)
     parser.add_argument("--log_samples", action="store_true",
                         help="write the dataset indices of every step to output_dir/samples_rank<r>.jsonl")
     parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
@@ -118,11 +121,18 @@ def check_run_arguments(args, cpu_config="train/ds_cpu.json"):
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
         raise UsageError(f"--max_steps must be >= 1, got {args.max_steps}")
-    if args.num_workers < 0:
+    if args.num_workers is not None and args.num_workers < 0:
         raise UsageError(f"--num_workers must be >= 0, got {args.num_workers}")
     if not args.deepspeed_config:
         raise UsageError(f"--deepspeed_config is required (train/ds.json on GPUs, {cpu_config} on a CPU)")
     return args
+
+
+def default_workers(args, on_gpu):
+    """Fills in --num_workers. On the CPU the loader runs in the training process: worker processes would take cores
+    from the compute threads (2 workers cut the demo's samples/s from 450 to 340 on 2 cores)."""
+    if args.num_workers is None:
+        args.num_workers = args.gpu_workers if on_gpu else 0
 
 
 def load_ds_config(path, world_size, on_gpu):
@@ -277,12 +287,12 @@ def gather_objects(obj):
     return objects
 
 
-def train_flops(config, text_lens, image_lens, num_mlm_targets, architecture="two-stream"):
+def train_flops(config, text_lens, image_lens, num_mlm_targets, num_region_targets, architecture="two-stream"):
     """Analytic training FLOPs of one micro batch: 6 per multiply-add of every matmul (2 forward, 4 backward).
 
     Counted from the config per real (unpadded) token and region: each layer's projections and FFN (the weights a
     position touches) and its attention matmuls (scores and context: 2 x length x width per query); the image
-    embedding; the region head on every region and the MLM head on its targets only (as the model computes it).
+    embedding; the MLM and region heads on their targets only (as the model computes them).
     Padding, softmax, LayerNorm, GELU and the poolers are left out (no matmuls or negligible). Single-stream: the
     text layers run over tokens and regions together, at the text width.
     """
@@ -291,22 +301,22 @@ def train_flops(config, text_lens, image_lens, num_mlm_targets, architecture="tw
     if architecture == "single-stream":
         h = c.hidden_size
         per_position = c.num_hidden_layers * (4 * h ** 2 + 2 * h * c.intermediate_size)
-        per_region = (c.v_feature_size + 5) * h + h ** 2 + h * c.v_target_size
+        per_region = (c.v_feature_size + 5) * h
         attention = 2 * c.num_hidden_layers * h * (t + v) ** 2
-        mlm_head = num_mlm_targets * (h ** 2 + h * c.vocab_size)
-        return 6 * float(((t + v) * per_position + v * per_region + attention).sum() + mlm_head)
+        heads = num_mlm_targets * (h ** 2 + h * c.vocab_size) + num_region_targets * (h ** 2 + h * c.v_target_size)
+        return 6 * float(((t + v) * per_position + v * per_region + attention).sum() + heads)
     co = len(c.v_biattention_id)  # co-layers
     per_token = (c.num_hidden_layers * (4 * c.hidden_size ** 2 + 2 * c.hidden_size * c.intermediate_size)
                  + co * (4 * c.hidden_size * c.bi_hidden_size + 2 * c.hidden_size * c.intermediate_size))
     per_region = (c.v_num_hidden_layers * (4 * c.v_hidden_size ** 2 + 2 * c.v_hidden_size * c.v_intermediate_size)
                   + co * (4 * c.v_hidden_size * c.bi_hidden_size + 2 * c.v_hidden_size * c.v_intermediate_size)
-                  + (c.v_feature_size + 5) * c.v_hidden_size
-                  + c.v_hidden_size ** 2 + c.v_hidden_size * c.v_target_size)
+                  + (c.v_feature_size + 5) * c.v_hidden_size)
     attention = (2 * c.num_hidden_layers * c.hidden_size * t * t
                  + 2 * c.v_num_hidden_layers * c.v_hidden_size * v * v
                  + 4 * co * c.bi_hidden_size * t * v)
-    mlm_head = num_mlm_targets * (c.hidden_size ** 2 + c.hidden_size * c.vocab_size)
-    return 6 * float((t * per_token + v * per_region + attention).sum() + mlm_head)
+    heads = (num_mlm_targets * (c.hidden_size ** 2 + c.hidden_size * c.vocab_size)
+             + num_region_targets * (c.v_hidden_size ** 2 + c.v_hidden_size * c.v_target_size))
+    return 6 * float((t * per_token + v * per_region + attention).sum() + heads)
 
 
 def peak_memory_mb():
@@ -371,6 +381,7 @@ def main(argv=None):
             print(f"pretrain.py: error: {e}", file=sys.stderr)
         return 2
     args.backend = args.backend or ("triton" if on_gpu else "torch")
+    default_workers(args, on_gpu)
 
     deepspeed.init_distributed()
     if on_gpu:
@@ -445,7 +456,8 @@ def main(argv=None):
                             generator=torch.Generator().manual_seed(args.seed + epoch))
         for indices, batch in loader:
             flops = train_flops(config, batch["text_lens"], batch["image_lens"],
-                                int((batch["mlm_labels"] != IGNORE_INDEX).sum()), args.architecture)
+                                int((batch["mlm_labels"] != IGNORE_INDEX).sum()), int(batch["region_mask"].sum()),
+                                args.architecture)
             batch = {k: t.to(device, non_blocking=True) for k, t in batch.items()}
             for key in ("image_features", "image_locations"):  # the model's inputs in its dtype (bf16 on GPUs)
                 batch[key] = batch[key].to(input_dtype)

@@ -374,7 +374,8 @@ class PretrainingOutput(ViLBERTOutput):
     # With mlm_labels: (N, vocab_size), one row per target token (mlm_labels != -100) in row-major (b, t) order.
     # Without: (B, T, vocab_size), every position.
     mlm_logits: torch.Tensor
-    region_logits: torch.Tensor  # (B, V, v_target_size)
+    # With region_mask: (N, v_target_size), one row per masked region in row-major (b, v) order. Without: (B, V, ...).
+    region_logits: torch.Tensor
     align_logits: torch.Tensor   # (B, 2); CE against is_aligned (index 1 = the caption belongs to the image)
     loss: Optional[torch.Tensor] = None         # sum of the losses whose labels were given
     mlm_loss: Optional[torch.Tensor] = None     # CE averaged over target tokens (0 when there are none)
@@ -496,13 +497,13 @@ def fuse(config: ViLBERTConfig, pooled_text, pooled_image):
     return pooled_text * pooled_image if config.pooling_method == "mul" else pooled_text + pooled_image
 
 
-def region_kl_loss(region_logits, region_targets, region_mask):
-    """KL(target || softmax(logits)) summed over classes, averaged over masked regions (max(count, 1): no NaN)."""
+def region_kl_loss(region_logits, region_targets):
+    """KL(target || softmax(logits)) summed over classes, averaged over the N masked regions (0 when N = 0).
+    region_logits, region_targets (N, v_target_size)."""
     log_probs = F.log_softmax(region_logits.float(), dim=-1)
     targets = region_targets.float()
-    kl = (torch.xlogy(targets, targets) - targets * log_probs).sum(-1)  # (B, V); 0 log 0 = 0
-    mask = region_mask.to(kl.dtype)
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
+    kl = (torch.xlogy(targets, targets) - targets * log_probs).sum(-1)  # (N,); 0 log 0 = 0
+    return kl.sum() / max(len(kl), 1)
 
 
 class ViLBERTForPretraining(CheckpointMixin, nn.Module):
@@ -532,7 +533,9 @@ class ViLBERTForPretraining(CheckpointMixin, nn.Module):
 
         text_for_mlm = out.text_hidden if mlm_labels is None else out.text_hidden[mlm_labels != IGNORE_INDEX]
         mlm_logits = self.cls.predictions(text_for_mlm)  # (N, vocab) or (B, T, vocab)
-        region_logits = self.cls.imagePredictions(out.image_hidden)  # (B, V, v_target_size)
+        # The heads run on the targets only when labels are given: most tokens and regions are not targets.
+        image_for_region = out.image_hidden if region_mask is None else out.image_hidden[region_mask]
+        region_logits = self.cls.imagePredictions(image_for_region)  # (N, v_target_size) or (B, V, v_target_size)
         align_logits = self.alignment_logits(out)  # (B, 2)
 
         losses = {}
@@ -540,7 +543,7 @@ class ViLBERTForPretraining(CheckpointMixin, nn.Module):
             targets = mlm_labels[mlm_labels != IGNORE_INDEX]  # (N,)
             losses["mlm_loss"] = F.cross_entropy(mlm_logits.float(), targets, reduction="sum") / max(len(targets), 1)
         if region_targets is not None:
-            losses["region_loss"] = region_kl_loss(region_logits, region_targets, region_mask)
+            losses["region_loss"] = region_kl_loss(region_logits, region_targets[region_mask])
         if is_aligned is not None:
             losses["align_loss"] = F.cross_entropy(align_logits.float(), is_aligned)
         metrics = {}

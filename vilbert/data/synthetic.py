@@ -3,10 +3,10 @@
 An "image" is 3-8 objects of distinct classes. Each class has a fixed random, sparse, non-negative 2048-d embedding
 (like a detector's ReLU features); a region's feature is its class embedding, scaled and noised, clipped at zero. Each
 region gets a box in pixels and a detector-like class distribution over the 1601 Visual Genome classes (most mass on the
-true class, some on one confusable class, the rest spread thin). Each image gets two captions in templated English that
-name some of its objects and true spatial relations ("a dog to the left of a red cube"). So the three pretraining tasks
-are learnable: a masked word is named by a region's features, a masked region's class by the caption and its box, and a
-swapped caption names objects the image lacks.
+true class, some on one confusable class, the rest spread thin). Each image gets two captions that name 2-4 of its
+objects, most led by a true spatial relation between two of them ("a dog to the left of a red cube , a cup and a bus").
+So the three pretraining tasks are learnable: a masked word is named by a region's features, a masked region's class by
+the caption and its box, and a swapped caption names objects the image lacks.
 
 Everything is deterministic from the seed; image i depends only on (seed, i): a smaller store is a prefix of a larger.
 """
@@ -35,10 +35,11 @@ RELATIONS = {
     "above": lambda a, b: a[3] <= b[1],
     "below": lambda a, b: a[1] >= b[3],
 }
-# Templates over noun phrases ("a dog", "an apple").
-SINGLE_TEMPLATES = ("a photo of {0}", "there is {0} in the image", "{0}")
-LIST_TEMPLATES = ("{0} and {1}", "{0} , {1} and {2}", "{0} with {1}")
-RELATION_TEMPLATE = "{0} {relation} {1}"
+RELATION_TEMPLATE = "{0} {relation} {1}"  # over noun phrases ("a dog", "an apple")
+# A caption names 2..MAX_NAMED objects (all of them in a smaller image): enough that a swapped-in caption almost always
+# names an object the image lacks, few enough that captions stay short (at most 18 word pieces).
+MAX_NAMED = 4
+RELATION_PROB = 0.6  # how often a caption leads with a relation, where one holds between two of its objects
 CAPTIONS_PER_IMAGE = 2
 DEFAULT_NUM_IMAGES = 3000
 DEFAULT_SEED = 0
@@ -50,7 +51,7 @@ def noun_phrase(name: str) -> str:
 
 def vocabulary_words() -> list[str]:
     """Every word the captions can contain (the shipped vocab holds these, see tokenizer.py)."""
-    texts = [*OBJECT_NAMES, *RELATIONS, *SINGLE_TEMPLATES, *LIST_TEMPLATES, "a an"]  # "a an": noun_phrase's articles
+    texts = [*OBJECT_NAMES, *RELATIONS, "a an", ", and"]  # noun_phrase's articles, the list's joints
     words = {word for text in texts for word in text.split() if not word.startswith("{")}
     return sorted(words)
 
@@ -102,20 +103,16 @@ def make_image(seed: int, index: int, embeddings: np.ndarray | None = None) -> d
 
 def _caption(rng: np.random.Generator, objects: np.ndarray, boxes: np.ndarray) -> str:
     phrases = [noun_phrase(OBJECT_NAMES[k]) for k in objects]
-    true_relations = [(a, b, relation) for a in range(len(objects)) for b in range(len(objects)) if a != b
+    count = int(rng.integers(2, min(len(objects), MAX_NAMED) + 1))
+    named = [int(i) for i in rng.permutation(len(objects))[:count]]
+    true_relations = [(a, b, relation) for a in named for b in named if a != b
                       for relation, holds in RELATIONS.items() if holds(boxes[a], boxes[b])]
-    kind = rng.random()
-    if true_relations and kind < 0.6:
+    parts = [phrases[i] for i in named]
+    if true_relations and rng.random() < RELATION_PROB:
         a, b, relation = true_relations[rng.integers(len(true_relations))]
-        return RELATION_TEMPLATE.format(phrases[a], phrases[b], relation=relation)
-    if kind < 0.8:
-        template = LIST_TEMPLATES[rng.integers(len(LIST_TEMPLATES))]
-        count = template.count("{")
-    else:
-        template = SINGLE_TEMPLATES[rng.integers(len(SINGLE_TEMPLATES))]
-        count = 1
-    chosen = rng.choice(len(objects), size=count, replace=False)
-    return template.format(*(phrases[i] for i in chosen))
+        parts = [RELATION_TEMPLATE.format(phrases[a], phrases[b], relation=relation)]
+        parts += [phrases[i] for i in named if i not in (a, b)]
+    return parts[0] if len(parts) == 1 else " , ".join(parts[:-1]) + " and " + parts[-1]
 
 
 def generate(num_images: int, seed: int = DEFAULT_SEED, first_index: int = 0) -> Iterator[dict]:
@@ -146,11 +143,12 @@ def write_synthetic(path: str | os.PathLike, num_images: int = DEFAULT_NUM_IMAGE
 
 
 def default_data_path() -> str:
-    """$VILBERT_DATA if set, else $XDG_CACHE_HOME (or ~/.cache)/vilbert/synthetic-v1."""
+    """$VILBERT_DATA if set, else $XDG_CACHE_HOME (or ~/.cache)/vilbert/synthetic-v2 (v1's captions named 1-3
+    objects; a store written by another version would silently change what the README's runs measured)."""
     if os.environ.get("VILBERT_DATA"):
         return os.environ["VILBERT_DATA"]
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache, "vilbert", "synthetic-v1")
+    return os.path.join(cache, "vilbert", "synthetic-v2")
 
 
 def ensure_default_data(path: str | os.PathLike | None = None, num_images: int = DEFAULT_NUM_IMAGES,

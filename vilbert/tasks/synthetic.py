@@ -150,8 +150,9 @@ def _write_json(path, data):
 
 
 def default_tasks_path() -> str:
-    """Beside the built-in pretraining data: <its directory>/synthetic-tasks-v1."""
-    return os.path.join(os.path.dirname(os.path.abspath(default_data_path())), "synthetic-tasks-v1")
+    """Beside the built-in pretraining data: <its directory>/synthetic-tasks-v2 (the retrieval captions are the
+    pretraining data's, v2 since its captions changed)."""
+    return os.path.join(os.path.dirname(os.path.abspath(default_data_path())), "synthetic-tasks-v2")
 
 
 def ensure_synthetic_tasks(path=None, num_images=None, seed: int = DEFAULT_SEED) -> str:
