@@ -36,13 +36,12 @@ def free_port():
         return s.getsockname()[1]
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def world_of_one():
     os.environ.setdefault("MASTER_PORT", str(free_port()))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: more threads only contend on a shared CPU
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

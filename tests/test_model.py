@@ -31,13 +31,7 @@ needs_triton = pytest.mark.skipif(not triton_available(),
 BACKENDS = ["torch", "sdpa", pytest.param("triton", marks=needs_triton)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny models run faster on one thread, and far faster when the machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel_err(actual, expected) -> float:

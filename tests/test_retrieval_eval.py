@@ -20,12 +20,7 @@ MAX_TEXT_LEN, MAX_REGIONS, IMAGE_CHUNK = 12, 10, 2  # 5 images in chunks of 2, 2
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: more threads only contend on a shared CPU
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
