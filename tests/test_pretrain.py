@@ -350,7 +350,7 @@ def test_cpu_turns_bf16_off_and_fills_the_schedule(pretrain):
     assert config["scheduler"]["params"]["warmup_type"] == "linear"
 
 
-def test_loader_workers_default_to_none_on_the_cpu(pretrain):
+def test_loader_workers_default_to_zero_on_the_cpu(pretrain):
     """On the CPU, worker processes would compete with the compute threads for the cores; an explicit value wins."""
     for on_gpu, argv, expected in ((False, [], 0), (True, [], 2), (False, ["--num_workers", "3"], 3)):
         args = pretrain.parse_args(["--deepspeed_config", "train/ds_cpu.json", *argv])

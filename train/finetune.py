@@ -105,7 +105,7 @@ def parse_args(argv=None):
     parser.add_argument("--eval_batch_size", type=int, default=64)
     parser.add_argument("--max_eval_images", type=int,
                         help="retrieval: evaluate on the first N val images and their captions (default: all)")
-    add_run_arguments(parser, output_dir="runs/finetune", gpu_workers=2)
+    add_run_arguments(parser, output_dir="runs/finetune")
     args = check_run_arguments(parser.parse_args(argv), cpu_config="train/ds_finetune_cpu.json")
     args.init = None if args.init == "none" else args.init
     if args.zero_shot:

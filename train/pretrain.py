@@ -85,13 +85,16 @@ def parse_args(argv=None):
     parser.add_argument("--init_bert", help="BERT checkpoint dir for the text stream")
     parser.add_argument("--vocab_file", help="WordPiece vocab.txt (default: <init_bert>/vocab.txt if there, else the "
                                              "vocab of the built-in data)")
-    add_run_arguments(parser, output_dir="runs/pretrain", gpu_workers=2)
+    add_run_arguments(parser, output_dir="runs/pretrain")
     parser.add_argument("--drop_masked_loss_on_negatives", action="store_true",
                         help="no MLM/region loss on pairs whose caption was swapped")
     return check_run_arguments(parser.parse_args(argv))
 
 
-def add_run_arguments(parser, output_dir, gpu_workers):
+GPU_WORKERS = 2  # DataLoader worker processes per rank when there is a GPU
+
+
+def add_run_arguments(parser, output_dir):
     """The options pretraining and fine-tuning share: output, length, backend, seed, checkpoints, logging, launcher.
     --num_workers is left None for `default_workers` to settle once the device is known."""
     parser.add_argument("--output_dir", default=output_dir)
@@ -106,8 +109,7 @@ def add_run_arguments(parser, output_dir, gpu_workers):
     parser.add_argument("--save_interval", type=int, default=1000, help="optimizer steps between checkpoints")
     parser.add_argument("--keep_last", type=int, default=2, help="checkpoints kept in output_dir")
     parser.add_argument("--num_workers", type=int,
-                        help=f"DataLoader worker processes per rank (default: {gpu_workers} with a GPU, 0 on the CPU)")
-    parser.set_defaults(gpu_workers=gpu_workers)
+                        help=f"DataLoader worker processes per rank (default: {GPU_WORKERS} with a GPU, 0 on the CPU)")
     parser.add_argument("--log_samples", action="store_true",
                         help="write the dataset indices of every step to output_dir/samples_rank<r>.jsonl")
     parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
@@ -130,9 +132,9 @@ def check_run_arguments(args, cpu_config="train/ds_cpu.json"):
 
 def default_workers(args, on_gpu):
     """Fills in --num_workers. On the CPU the loader runs in the training process: worker processes would take cores
-    from the compute threads (2 workers cut the demo's samples/s from 450 to 340 on 2 cores)."""
+    from the compute threads (2 workers cut the demo's samples/s from 450 to 336 on 2 cores)."""
     if args.num_workers is None:
-        args.num_workers = args.gpu_workers if on_gpu else 0
+        args.num_workers = GPU_WORKERS if on_gpu else 0
 
 
 def load_ds_config(path, world_size, on_gpu):
