@@ -6,6 +6,7 @@ rank). DeepSpeed counts CPU "devices" from LOCAL_SIZE, so it is set to the rank 
 The default run holds one 2-rank run matched against a single process, one SIGTERM resume and a 3-step single-stream
 run; the rest is `-m slow`.
 """
+import glob
 import importlib.util
 import json
 import math
@@ -26,6 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train", "pretrain.py")
 DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
 RUN_TIMEOUT = 600
+sys.path.insert(0, os.path.join(ROOT, "train"))
+import loop  # noqa: E402  (train/loop.py, the loop pretrain.py and finetune.py share)
 
 
 @pytest.fixture(scope="module")
@@ -70,16 +73,21 @@ def free_port():
 def launch(ranks, output_dir, *args):
     """Starts `deepspeed --num_gpus ranks train/pretrain.py` in its own session (so a test can signal it all)."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", LOCAL_SIZE=str(ranks), OMP_NUM_THREADS="1")
-    command = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), SCRIPT,
+    port = free_port()
+    command = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(port), SCRIPT,
                "--output_dir", str(output_dir), "--log_interval", "1", "--log_samples", "--num_workers", "0", *args]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    process.master_port = port
+    return process
 
 
 def run(ranks, output_dir, *args):
     process = launch(ranks, output_dir, *args)
     output, _ = process.communicate(timeout=RUN_TIMEOUT)
     assert process.returncode == 0, output[-5000:]
+    # DeepSpeed's CPU all-reduce segments (one per rank, in RAM) are gone once the run ends (loop.py unlinks them).
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{process.master_port}_*")
     return output
 
 
@@ -309,9 +317,9 @@ def test_bad_data_path_through_the_launcher(tmp_path):
         f"pretrain.py: error: --data {str(tmp_path / 'nope')!r} does not exist"]
 
 
-def test_a_failed_save_keeps_the_previous_checkpoint(pretrain, tmp_path, monkeypatch):
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     """`latest` moves to a new tag only after the save returned everywhere; old tags go only after that."""
-    monkeypatch.setattr(pretrain, "dist", types.SimpleNamespace(
+    monkeypatch.setattr(loop, "dist", types.SimpleNamespace(
         barrier=lambda: None, get_rank=lambda: 0, get_world_size=lambda: 1,
         all_gather_object=lambda out, obj: out.__setitem__(0, obj)))
 
@@ -330,21 +338,21 @@ def test_a_failed_save_keeps_the_previous_checkpoint(pretrain, tmp_path, monkeyp
             return f.read(), sorted(d for d in os.listdir(tmp_path) if d.startswith("global_step"))
 
     for step in (1, 2, 3):
-        pretrain.save_checkpoint(Engine(fail=False), str(tmp_path), {"step": step}, keep_last=2)
+        loop.save_checkpoint(Engine(fail=False), str(tmp_path), {"step": step}, keep_last=2)
     assert state() == ("global_step3", ["global_step2", "global_step3"])
     with pytest.raises(OSError):
-        pretrain.save_checkpoint(Engine(fail=True), str(tmp_path), {"step": 4}, keep_last=2)
+        loop.save_checkpoint(Engine(fail=True), str(tmp_path), {"step": 4}, keep_last=2)
     assert state() == ("global_step3", ["global_step2", "global_step3", "global_step4"])
 
 
-def test_cpu_turns_bf16_off_and_fills_the_schedule(pretrain):
+def test_cpu_turns_bf16_off_and_fills_the_schedule():
     with open(os.path.join(ROOT, "train", "ds.json")) as f:
         gpu = json.load(f)
-    config, note = pretrain.load_ds_config(os.path.join(ROOT, "train", "ds.json"), world_size=8, on_gpu=False)
+    config, note = loop.load_ds_config(os.path.join(ROOT, "train", "ds.json"), world_size=8, on_gpu=False)
     assert not config["bf16"]["enabled"] and "bf16" in note and config["optimizer"]["params"]["torch_adam"]
-    config, note = pretrain.load_ds_config(os.path.join(ROOT, "train", "ds.json"), world_size=8, on_gpu=True)
+    config, note = loop.load_ds_config(os.path.join(ROOT, "train", "ds.json"), world_size=8, on_gpu=True)
     assert config == gpu
-    pretrain.fill_schedule(config, total_steps=1000)
+    loop.fill_schedule(config, total_steps=1000)
     assert config["scheduler"]["params"]["total_num_steps"] == 1000
     assert config["scheduler"]["params"]["warmup_num_steps"] == 100
     assert config["scheduler"]["params"]["warmup_type"] == "linear"
@@ -354,5 +362,5 @@ def test_loader_workers_default_to_zero_on_the_cpu(pretrain):
     """On the CPU, worker processes would compete with the compute threads for the cores; an explicit value wins."""
     for on_gpu, argv, expected in ((False, [], 0), (True, [], 2), (False, ["--num_workers", "3"], 3)):
         args = pretrain.parse_args(["--deepspeed_config", "train/ds_cpu.json", *argv])
-        pretrain.default_workers(args, on_gpu)
+        loop.default_workers(args, on_gpu)
         assert args.num_workers == expected

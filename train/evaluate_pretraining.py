@@ -26,7 +26,8 @@ from vilbert.tasks.models import load_pretraining_model
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--init", required=True, help="a pretraining checkpoint directory (pretrain.py's final/)")
-    parser.add_argument("--data", help="a feature store with captions and cls_prob (default: held-out synthetic images)")
+    parser.add_argument("--data",
+                        help="a feature store with captions and cls_prob (default: held-out synthetic images)")
     parser.add_argument("--num_images", type=int, default=1024, help="images scored (the first ones of --data)")
     parser.add_argument("--vocab_file", help="BERT vocab.txt (default: the vocab shipped for the built-in data)")
     parser.add_argument("--seed", type=int, default=0, help="draws the masks and the swapped captions")

@@ -44,28 +44,22 @@ whole val split: VQA accuracy, R@1/5/10 both ways, referring accuracy at IoU 0.5
 (ZeRO 0-2 are).
 """
 import argparse
-import contextlib
+import functools
 import json
 import os
-import random
-import signal
 import sys
 import time
 
-import deepspeed
 import deepspeed.comm as dist
-import numpy as np
 import torch
 from deepspeed.accelerator import get_accelerator
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pretrain import (IndexedCollator, IndexedDataset, UsageError, add_run_arguments, build_config,  # noqa: E402
-                      check_run_arguments, default_workers, fill_output_paths, fill_schedule, ignore_stop_signals,
-                      load_ds_config, param_groups, resume_latest, save_checkpoint)
+from loop import (UsageError, add_run_arguments, build_config, check_run_arguments, default_workers,  # noqa: E402
+                  fp32_weights, gpu_available, init_distributed, load_ds_config, train, world_from_env)
 
-from vilbert.data import ResumableSampler, load_tokenizer, open_store  # noqa: E402
+from vilbert.data import load_tokenizer, open_store  # noqa: E402
 from vilbert.tasks.common import TaskCollator, model_inputs  # noqa: E402
 from vilbert.tasks.metrics import retrieval_recall, summarize_recall, vqa_score_from_logits  # noqa: E402
 from vilbert.tasks.models import (ARCHITECTURES, TASKS, alignment_score, evaluate_batches,  # noqa: E402
@@ -212,12 +206,8 @@ def evaluate(args, model, val, store, tokenizer, device):
 
 
 def main(argv=None):
-    # `python train/finetune.py` without the launcher: a world of one.
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29501")):
-        os.environ.setdefault(key, value)
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    on_gpu = get_accelerator().device_name() != "cpu"
+    rank, world_size = world_from_env(master_port=29501)
+    on_gpu = gpu_available()
     try:
         args = parse_args(argv)
         ds_config, device_note = load_ds_config(args.deepspeed_config, world_size, on_gpu)
@@ -238,9 +228,7 @@ def main(argv=None):
     args.backend = args.backend or ("triton" if on_gpu else "torch")
     default_workers(args, on_gpu)
 
-    deepspeed.init_distributed()
-    if on_gpu:
-        get_accelerator().set_device(int(os.environ["LOCAL_RANK"]))
+    init_distributed(on_gpu)
     if rank == 0:
         print(f"finetune.py: task {args.task}, {device_note}, {world_size} rank(s), backend {args.backend}", flush=True)
         data_dir = args.data or ensure_synthetic_tasks()
@@ -271,7 +259,7 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
 
     if not args.eval_only:
-        model = train_model(args, model, train, ds_config, rank, world_size)
+        model = train_model(args, model, train, ds_config)
         if model is None:  # stopped by a signal before max_steps: checkpoint saved, nothing to export or evaluate
             return 0
         if rank == 0:
@@ -294,130 +282,32 @@ def main(argv=None):
     return 0
 
 
-class IndexedTaskCollator(IndexedCollator):
-    """(dataset indices, task batch), for --log_samples."""
-
-    def __init__(self):
-        self.collator = TaskCollator()
-
-
-@contextlib.contextmanager
-def stop_requests():
-    """Inside the block SIGTERM/SIGINT set stop["signal"] instead of ending the process; the old handlers come back."""
-    stop = {"signal": None}
-
-    def request_stop(signum, _frame):
-        stop["signal"] = signal.Signals(signum).name
-
-    previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield stop
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+def finetuning_step(engine, batch, task):
+    """One micro batch forward (loop.train's micro_step): the loss, and the row of sums logged per window: the loss,
+    the training metric's sum and its example count (see batch_hits)."""
+    batch = {k: v.to(engine.device) for k, v in batch.items()}
+    out = engine(**model_inputs(batch), **task_targets(task, batch))
+    hits = batch_hits(task, out.logits.detach(), batch)
+    return out.loss, torch.stack([out.loss.detach().double(), hits.sum().double(),
+                                  torch.tensor(float(len(hits)), dtype=torch.float64, device=hits.device)])
 
 
-def train_model(args, model, train, ds_config, rank, world_size):
-    """The DeepSpeed loop of train/pretrain.py for a task: forward -> backward -> step, a metrics line every
-    --log_interval steps, a checkpoint every --save_interval steps, at the end and on SIGTERM/SIGINT; resumes from the
-    latest checkpoint in output_dir. Returns the trained model (on rank 0 its fp32 weights, consolidated from the
-    ZeRO shards), or None when a signal stopped the run before max_steps."""
-    global_batch, micro = ds_config["train_batch_size"], ds_config["train_micro_batch_size_per_gpu"]
-    accumulation = global_batch // (micro * world_size)
-    max_steps = args.max_steps or max(1, int(args.epochs * (len(train) // (micro * world_size))) // accumulation)
-    fill_schedule(ds_config, max_steps)
-    fill_output_paths(ds_config, args.output_dir)
-    weight_decay = ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
-    args.deepspeed_config = None  # the checked dict is passed instead (initialize refuses both)
-    engine, _, _, _ = deepspeed.initialize(args=args, model=model, config=ds_config,
-                                           model_parameters=param_groups(model, weight_decay))
-    random.seed(args.seed + rank)  # per-rank dropout streams
-    np.random.seed(args.seed + rank)
-    torch.manual_seed(args.seed + rank)
+def summarize(sums, micro_steps, seconds):
+    loss, hits, examples = sums
+    return {"loss": loss / micro_steps, "train_metric": hits / examples}
 
-    # optimizer steps; epoch; global samples consumed in this epoch
-    step, epoch, consumed = resume_latest(engine, args.output_dir, world_size, rank) if args.resume else (0, 0, 0)
 
-    mode = "a" if step else "w"  # a resumed run continues the logs; a fresh one replaces them
-    metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), mode) if rank == 0 else None
-    samples_file = (open(os.path.join(args.output_dir, f"samples_rank{rank}.jsonl"), mode)
-                    if args.log_samples else None)
-    device = engine.device
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum over micro steps, hits, examples
-    micro_steps, start = 0, time.perf_counter()
-    step_indices = []
-    stopping = False  # agreed by all ranks
-    with stop_requests() as stop:
-        while step < max_steps and not stopping:
-            if hasattr(train, "set_epoch"):
-                train.set_epoch(epoch)  # retrieval draws its negatives per (seed, epoch, index)
-            sampler = ResumableSampler(len(train), seed=args.seed, rank=rank, world_size=world_size,
-                                       micro_batch_size=micro)
-            sampler.load_state_dict({"epoch": epoch, "consumed_samples": consumed})
-            # The loader's own generator: starting an iterator must not draw from the global RNG (dropout's), or a
-            # resumed run, which starts one mid-epoch, would drop out other units than the uninterrupted run.
-            loader = DataLoader(IndexedDataset(train), batch_sampler=sampler, collate_fn=IndexedTaskCollator(),
-                                num_workers=args.num_workers, worker_init_fn=ignore_stop_signals,
-                                generator=torch.Generator().manual_seed(args.seed + epoch))
-            for indices, batch in loader:
-                batch = {k: v.to(device) for k, v in batch.items()}
-                out = engine(**model_inputs(batch), **task_targets(args.task, batch))
-                engine.backward(out.loss)
-                engine.step()
-                consumed += micro * world_size
-                step_indices.extend(indices)
-                hits = batch_hits(args.task, out.logits.detach(), batch)
-                sums += torch.stack([out.loss.detach().double(), hits.sum().double(),
-                                     torch.tensor(float(len(hits)), dtype=torch.float64, device=device)])
-                micro_steps += 1
-                if engine.global_steps == step:
-                    continue  # still accumulating gradients
-                step = engine.global_steps
-                if samples_file:
-                    samples_file.write(json.dumps({"step": step, "indices": step_indices}) + "\n")
-                    samples_file.flush()
-                step_indices = []
-                if step % args.log_interval == 0 or step == max_steps:
-                    dist.all_reduce(sums)
-                    record = {"step": step, "samples": step * global_batch, "epoch": epoch,
-                              "lr": engine.get_lr()[0], "loss": (sums[0] / (micro_steps * world_size)).item(),
-                              "train_metric": (sums[1] / sums[2]).item(), "seconds": time.perf_counter() - start}
-                    if rank == 0:
-                        metrics_file.write(json.dumps(record) + "\n")
-                        metrics_file.flush()
-                        print(f"finetune.py: {json.dumps(record)}", flush=True)
-                    sums.zero_()
-                    micro_steps = 0
-                # Every rank must stop at the same step, or the next collective hangs: a signal on any rank counts.
-                flag = torch.tensor(float(stop["signal"] is not None), device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stopping = bool(flag.item())
-                if step % args.save_interval == 0 or step >= max_steps or stopping:
-                    save_checkpoint(engine, args.output_dir, {"step": step, "epoch": epoch,
-                                                              "consumed_samples": consumed,
-                                                              "world_size": world_size}, args.keep_last)
-                if step >= max_steps or stopping:
-                    break
-            else:  # the epoch ran out: the next one starts from its first sample
-                epoch, consumed = epoch + 1, 0
-    for f in (metrics_file, samples_file):
-        if f is not None:
-            f.close()
-
-    if stopping and step < max_steps:
-        if rank == 0:
-            print(f"finetune.py: stopped by {stop['signal'] or 'a signal on another rank'} at step {step}; "
-                  "checkpoint saved, rerun to resume", flush=True)
+def train_model(args, model, train_set, ds_config):
+    """Fine-tunes with loop.train; returns the trained model (on rank 0 with its fp32 weights, consolidated from the
+    ZeRO shards), or None when a signal stopped the run before max_steps (a checkpoint was saved)."""
+    engine, finished = train(args, model, train_set, TaskCollator(), ds_config,
+                             functools.partial(finetuning_step, task=args.task), summarize)
+    if not finished:
         return None
-    if rank != 0:
+    if dist.get_rank() != 0:
         return engine.module
-    # The fp32 master weights from the checkpoint of the last step, consolidated for every ZeRO stage.
-    if ds_config.get("zero_optimization", {}).get("stage", 0):
-        state = get_fp32_state_dict_from_zero_checkpoint(args.output_dir, tag=f"global_step{step}")
-    else:
-        state = {name: t.float() for name, t in engine.module.state_dict().items()}
     export = type(engine.module)(engine.module.config, backend=args.backend)
-    export.load_state_dict(state)
+    export.load_state_dict(fp32_weights(engine, args.output_dir))
     return export
 
 
