@@ -112,10 +112,11 @@ run_step bench_ops 45 "$PYTHON" -m bench ops --quick --out "$OUT_DIR/bench" --bu
 RESERVE_S=50
 run_step bench_model 100 "$PYTHON" -m bench model --quick --out "$OUT_DIR/bench" --budget-s 50
 # 6. The main job on the GPU (issue: "the same command on one GPU with bf16 and the Triton backend; record samples/s"):
-#    the small model, train/ds.json, a world of one without the launcher; metrics.jsonl has samples_per_s.
+#    the small model, train/ds.json, a world of one without the launcher, the default loader workers; metrics.jsonl
+#    has samples_per_s, and data_wait tells whether the loader or the GPU set it.
 RESERVE_S=0
 run_step pretrain_gpu 50 "$PYTHON" train/pretrain.py --deepspeed_config train/ds.json --max_steps 30 --log_interval 5 \
-    --output_dir "$OUT_DIR/pretrain" --num_workers 4 --save_interval 1000000
+    --output_dir "$OUT_DIR/pretrain" --save_interval 1000000
 rm -rf "$OUT_DIR"/pretrain/global_step* "$OUT_DIR"/pretrain/final  # a 30-step run's weights: not worth bringing back
 
 echo "total seconds=$(($(date +%s) - START))" >>"$SUMMARY"
@@ -136,6 +137,8 @@ for path in sorted(glob.glob(sys.argv[1] + "/*.json")):
         bw = f" {r['pct_of_copy_bw']:.0f}%BW" if r.get("pct_of_copy_bw") else ""
         print(f"{head}: {r['ms_p50']:.4f} ms{bw} x[{speedups}]")
 PY
+echo "--- pretraining on the GPU, the last metrics lines:"
+tail -n 2 "$OUT_DIR/pretrain/metrics.jsonl" 2>/dev/null
 echo
 cat "$SUMMARY"
 exit 0

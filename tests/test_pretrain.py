@@ -185,6 +185,7 @@ def test_single_stream_architecture_trains_and_exports(tmp_path, store):
     for name in ("loss", "mlm_loss", "region_loss", "align_loss"):
         assert all(math.isfinite(x) for x in losses(tmp_path, name)), name
     assert all(metrics(tmp_path)[s]["tflops"] > 0 for s in (1, 2, 3))
+    assert all(0 < metrics(tmp_path)[s]["data_wait"] < 1 for s in (1, 2, 3))  # loading in-process: a share > 0
     exported = SingleStreamForPretraining.from_pretrained(tmp_path / "final")
     assert all(math.isfinite(float(t.abs().sum())) for t in exported.state_dict().values())
     with pytest.raises(ValueError, match="does not fit ViLBERTForPretraining"):  # the export really is single-stream
@@ -358,9 +359,26 @@ def test_cpu_turns_bf16_off_and_fills_the_schedule():
     assert config["scheduler"]["params"]["warmup_type"] == "linear"
 
 
-def test_loader_workers_default_to_zero_on_the_cpu(pretrain):
-    """On the CPU, worker processes would compete with the compute threads for the cores; an explicit value wins."""
-    for on_gpu, argv, expected in ((False, [], 0), (True, [], 2), (False, ["--num_workers", "3"], 3)):
+def test_loader_workers_default_to_zero_on_the_cpu_and_to_the_free_cores_with_a_gpu(pretrain, monkeypatch):
+    """On the CPU, worker processes would compete with the compute threads for the cores; with GPUs each rank gets
+    its share of the cores less one (1 to 8); an explicit value wins."""
+    for cores, ranks_here, on_gpu, argv, expected in (
+            (2, "1", False, [], 0), (16, "1", True, [], 8), (16, "8", True, [], 1), (4, "1", True, [], 3),
+            (64, "2", True, [], 8), (16, "1", False, ["--num_workers", "3"], 3),
+            (16, "1", True, ["--num_workers", "0"], 0)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(cores)))
+        monkeypatch.setenv("LOCAL_SIZE", ranks_here)
         args = pretrain.parse_args(["--deepspeed_config", "train/ds_cpu.json", *argv])
         loop.default_workers(args, on_gpu)
-        assert args.num_workers == expected
+        assert args.num_workers == expected, (cores, ranks_here, on_gpu, argv)
+
+
+def test_timed_counts_the_wait_for_each_item():
+    def slow_items():
+        for item in range(3):
+            time.sleep(0.02)
+            yield item
+
+    waited = [0.0]
+    assert list(loop.timed(slow_items(), waited)) == [0, 1, 2]
+    assert 0.06 <= waited[0] < 1.0

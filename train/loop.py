@@ -37,7 +37,7 @@ from vilbert.data import ResumableSampler
 
 # The running script ("pretrain.py" or "finetune.py"), for messages.
 PROGRAM = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else "train"
-GPU_WORKERS = 2  # DataLoader worker processes per rank when there is a GPU
+MAX_GPU_WORKERS = 8  # DataLoader worker processes per rank with a GPU, at most (the cores allowing)
 
 
 class UsageError(Exception):
@@ -60,7 +60,8 @@ def add_run_arguments(parser, output_dir):
     parser.add_argument("--save_interval", type=int, default=1000, help="optimizer steps between checkpoints")
     parser.add_argument("--keep_last", type=int, default=2, help="checkpoints kept in output_dir")
     parser.add_argument("--num_workers", type=int,
-                        help=f"DataLoader worker processes per rank (default: {GPU_WORKERS} with a GPU, 0 on the CPU)")
+                        help="DataLoader worker processes per rank (default: with a GPU, the rank's share of the "
+                             f"cores less one, 1 to {MAX_GPU_WORKERS}; 0 on the CPU)")
     parser.add_argument("--log_samples", action="store_true",
                         help="write the dataset indices of every step to output_dir/samples_rank<r>.jsonl")
     parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
@@ -94,10 +95,16 @@ def world_from_env(master_port):
 
 
 def default_workers(args, on_gpu):
-    """Fills in --num_workers. On the CPU the loader runs in the training process: worker processes would take cores
-    from the compute threads (2 workers cut the demo's samples/s from 450 to 336 on 2 cores)."""
-    if args.num_workers is None:
-        args.num_workers = GPU_WORKERS if on_gpu else 0
+    """Fills in --num_workers. With a GPU: this rank's share of the machine's cores, less one for the training
+    process itself (one loader process decodes and masks ~1900 samples/s of the built-in data, fewer than a GPU
+    trains). On the CPU the loader runs in the training process: worker processes would take cores from the compute
+    threads (2 workers cut the demo's samples/s from 450 to 336 on 2 cores)."""
+    if args.num_workers is None and not on_gpu:
+        args.num_workers = 0
+    elif args.num_workers is None:
+        ranks_here = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)  # deepspeed, torchrun
+        cores = len(os.sched_getaffinity(0))
+        args.num_workers = min(MAX_GPU_WORKERS, max(1, cores // ranks_here - 1))
 
 
 def load_ds_config(path, world_size, on_gpu):
@@ -335,13 +342,27 @@ def peak_memory_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS (Linux reports KiB)
 
 
+def timed(iterable, waited):
+    """Yields the items of `iterable`, adding the seconds spent waiting for each to waited[0]."""
+    iterator = iter(iterable)
+    while True:
+        start = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        waited[0] += time.perf_counter() - start
+        yield item
+
+
 def train(args, model, dataset, collator, ds_config, micro_step, summarize):
     """Trains `model` on `dataset` with DeepSpeed for --max_steps optimizer steps (or --epochs); returns
     (engine, finished). finished is False when SIGTERM/SIGINT on some rank stopped the run early: every rank saved a
     checkpoint, and running the same command again resumes it.
 
     Every metrics.jsonl line holds step, samples (global), epoch, lr, then summarize's fields for the window, then
-    samples_per_s (all ranks) and max_mem_mb (rank 0).
+    samples_per_s (all ranks), data_wait (the share of the window the ranks spent waiting for batches, their mean:
+    near 0 when the loader keeps up; with --num_workers 0, the share spent loading) and max_mem_mb (rank 0).
     """
     rank, world_size = dist.get_rank(), dist.get_world_size()
     global_batch, micro = ds_config["train_batch_size"], ds_config["train_micro_batch_size_per_gpu"]
@@ -370,8 +391,9 @@ def train(args, model, dataset, collator, ds_config, micro_step, summarize):
     progress = tqdm(total=max_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     on_gpu = engine.device.type != "cpu"
     # The window's sums stay on the device, so that logging costs one reduction per window: micro_step's rows, then
-    # samples and micro steps.
+    # samples, micro steps and seconds spent waiting for the loader.
     sums = None
+    waited = [0.0]
     window_start = time.perf_counter()
     step_indices = []
     stopping = False  # agreed by all ranks
@@ -387,13 +409,14 @@ def train(args, model, dataset, collator, ds_config, micro_step, summarize):
             loader = DataLoader(IndexedDataset(dataset), batch_sampler=sampler, collate_fn=IndexedCollator(collator),
                                 num_workers=args.num_workers, pin_memory=on_gpu, worker_init_fn=ignore_stop_signals,
                                 generator=torch.Generator().manual_seed(args.seed + epoch))
-            for indices, batch in loader:
+            for indices, batch in timed(loader, waited):
                 loss, row = micro_step(engine, batch)
                 engine.backward(loss)
                 engine.step()
                 consumed += micro * world_size
                 step_indices.extend(indices)
-                counts = torch.tensor([len(indices), 1.0], dtype=torch.float64, device=row.device)
+                counts = torch.tensor([len(indices), 1.0, waited[0]], dtype=torch.float64, device=row.device)
+                waited[0] = 0.0
                 window = torch.cat([row.detach().double(), counts])
                 sums = window if sums is None else sums + window
                 if engine.global_steps == step:
@@ -407,10 +430,10 @@ def train(args, model, dataset, collator, ds_config, micro_step, summarize):
                 if step % args.log_interval == 0 or step == max_steps:
                     dist.all_reduce(sums)
                     seconds = time.perf_counter() - window_start
-                    *task_sums, samples, micro_steps = sums.tolist()
+                    *task_sums, samples, micro_steps, wait_seconds = sums.tolist()
                     record = {"step": step, "samples": step * global_batch, "epoch": epoch, "lr": engine.get_lr()[0],
                               **summarize(task_sums, micro_steps, seconds), "samples_per_s": samples / seconds,
-                              "max_mem_mb": peak_memory_mb()}
+                              "data_wait": wait_seconds / world_size / seconds, "max_mem_mb": peak_memory_mb()}
                     if rank == 0:
                         metrics_file.write(json.dumps(record) + "\n")
                         metrics_file.flush()

@@ -39,8 +39,9 @@ text tokens and the projected regions, the same heads, losses, data and schedule
 
 metrics.jsonl, one line per --log_interval steps, averaged over the window and all ranks: step, samples (global),
 epoch, lr, loss (= mlm_loss + region_loss + align_loss), mlm_acc (over masked tokens), align_acc, samples_per_s,
-tflops (analytic model FLOPs per second of all ranks together, see `train_flops`), max_mem_mb (rank 0: peak GPU memory
-allocated, or peak RSS on the CPU).
+tflops (analytic model FLOPs per second of all ranks together, see `train_flops`), data_wait (the share of the time
+spent waiting for batches: near 0 when the DataLoader keeps up, else raise --num_workers; with 0 workers, the share
+spent loading), max_mem_mb (rank 0: peak GPU memory allocated, or peak RSS on the CPU).
 
 The loop itself (schedule, checkpoints, resuming, metrics.jsonl) is train/loop.py, shared with train/finetune.py.
 """
