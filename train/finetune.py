@@ -38,10 +38,11 @@ checkpoint on every rank and exits 0; running the same command again resumes fro
 --output_dir at the next unseen sample, with the RNG states restored (same world size; --no_resume starts over).
 
 output_dir holds global_step<N>/ (DeepSpeed checkpoints, every --save_interval steps and at the end; the last
---keep_last kept), `latest`, metrics.jsonl (one line per log step, then one "eval" line), final/ (`save_pretrained` of
-the task model's fp32 weights; for VQA also answers.json, the answer vocabulary). Evaluation runs on rank 0 over the
-whole val split: VQA accuracy, R@1/5/10 both ways, referring accuracy at IoU 0.5. ZeRO-3 is not supported here
-(ZeRO 0-2 are).
+--keep_last kept), `latest`, metrics.jsonl (one line per log step: step, samples, epoch, lr, loss, train_metric (the
+task's training metric, see batch_hits), samples_per_s, data_wait, max_mem_mb; then one "eval" line), final/
+(`save_pretrained` of the task model's fp32 weights; for VQA also answers.json, the answer vocabulary). Evaluation runs
+on rank 0 over the whole val split: VQA accuracy, R@1/5/10 both ways, referring accuracy at IoU 0.5. ZeRO-3 is not
+supported here (ZeRO 0-2 are).
 """
 import argparse
 import functools
