@@ -97,16 +97,17 @@ fi
 RESERVE_S=320
 run_step compile_check 45 "$PYTHON" -m vilbert_kernels.compile_check
 # The kernel tests launch ~220 distinct Triton specializations (counted in the interpreter), each compiled on first
-# use at ~0.4 s of one core: pytest-xdist (in the GPU image) spreads the compiling over 8 of the 16 cores.
-PARALLEL=()
-"$PYTHON" -c "import xdist" 2>/dev/null && PARALLEL=(-n 8)
-run_step pytest_gpu 75 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider "${PARALLEL[@]}" tests
+# use at ~0.4 s of one core: pytest-xdist (in the GPU image) spreads the compiling over 8 of the 16 cores. Inductor
+# (the torch.compile tests) then compiles in each worker's own process instead of starting a pool per worker.
+PYTEST=("$PYTHON" -m pytest -q -p no:cacheprovider)
+"$PYTHON" -c "import xdist" 2>/dev/null && PYTEST=(env TORCHINDUCTOR_COMPILE_THREADS=1 "${PYTEST[@]}" -n 8)
+run_step pytest_gpu 75 "${PYTEST[@]}" -m gpu tests
 KERNEL_TESTS=()
 for t in tests/test_attention.py tests/test_layer_norm.py tests/test_bias_gelu.py; do
     [[ -f $t ]] && KERNEL_TESTS+=("$t")
 done
 if ((${#KERNEL_TESTS[@]})); then
-    run_step pytest_kernels 75 "$PYTHON" -m pytest -q -p no:cacheprovider "${PARALLEL[@]}" "${KERNEL_TESTS[@]}"
+    run_step pytest_kernels 75 "${PYTEST[@]}" "${KERNEL_TESTS[@]}"
 fi
 # The benchmarks stop starting new cases at --budget-s and write what they have; the timeout is the backstop.
 RESERVE_S=195
