@@ -13,9 +13,9 @@ delta_i = rowsum(dO_i * O_i) = sum_j P_ij Z_ij dP_ij, the backward is::
 
     dV = (P * Z)^T dO,   dS = P * (Z * dP - delta),   dQ = scale * dS K,   dK = scale * dS^T Q
 
-P is recomputed from Q, K and LSE; Z is regenerated from the same Philox seed and element offsets, so neither the
-scores nor the dropout mask is ever stored. delta is computed inside both backward kernels from the O and dO tiles they
-load anyway (no separate pre-pass launch).
+P is recomputed from Q, K and LSE; Z is regenerated from the same Philox seed and element offsets (one Philox call per
+4 keys, see philox.py), so neither the scores nor the dropout mask is ever stored. delta is computed inside both
+backward kernels from the O and dO tiles they load anyway (no separate pre-pass launch).
 
 Co-attention runs both directions (text queries over image keys, image queries over text keys) in ONE forward launch:
 the grid's last axis is the direction and each program picks its direction's pointers, strides and lengths. The
@@ -39,6 +39,7 @@ import triton.language as tl
 
 from .kernel_spec import KernelSpec
 from .launch import draw_seed
+from .philox import philox_keep
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): the kernels work in base 2
 LN2 = tl.constexpr(0.6931471805599453)
@@ -92,14 +93,14 @@ def _row_ptrs(X, rows, stride_row, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _keep_mask(SEED, stream, elements, dropout_p):
-    """Dropout keep decisions, kept with probability 1 - dropout_p. Philox-4x32 of the 64-bit counter
-    (element, stream), with element = i * Lk + j < 2**32 and stream = (direction * B + b) * H + h, gives every
-    (direction, b, h, i, j) its own uniform number with 32-bit arithmetic only."""
-    counter = elements.to(tl.uint32)
-    zero = counter * 0
-    bits, _, _, _ = tl.philox(SEED, counter, zero + stream, zero, zero)
-    return tl.uint_to_uniform_float(bits) >= dropout_p
+def _keep_mask(SEED, stream, rows, first_col, Lk, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Dropout keep decisions (BLOCK_M, BLOCK_N) of queries `rows` x keys first_col .. first_col + BLOCK_N - 1
+    (first_col a multiple of 4), each kept with probability 1 - dropout_p. Element (i, j) of stream
+    (direction * B + b) * H + h is output j % 4 of the Philox call at counter (i * ceil(Lk / 4) + j // 4, stream): its
+    own uniform number, the same in every kernel whatever its tiles, with 32-bit arithmetic only."""
+    groups = first_col // 4 + tl.arange(0, BLOCK_N // 4)
+    c0 = (rows[:, None] * ((Lk + 3) // 4) + groups[None, :]).to(tl.uint32)  # (BLOCK_M, BLOCK_N // 4)
+    return philox_keep(SEED, c0, c0 * 0 + stream, dropout_p, BLOCK_M, BLOCK_N)
 
 
 @triton.jit(do_not_specialize=["SEED", "L_A", "L_B"])
@@ -156,7 +157,7 @@ def _attention_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normaliser counts dropped entries too
         acc = acc * alpha[:, None]
         if DROPOUT:
-            keep = _keep_mask(SEED, stream, rows[:, None] * Lk + cols[None, :], dropout_p)
+            keep = _keep_mask(SEED, stream, rows, start_n, Lk, dropout_p, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p * dropout_scale, 0.0)
         v = tl.load(_row_ptrs(V, cols, stride_vl, HEAD_DIM), mask=col_valid[:, None], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -229,7 +230,7 @@ def _attention_bwd_dkdv_kernel(
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M) = (dO V^T)^T
         pz_t = p_t
         if DROPOUT:
-            keep = _keep_mask(SEED, stream, rows[None, :] * Lk + cols[:, None], dropout_p)
+            keep = tl.trans(_keep_mask(SEED, stream, rows, pid_n * BLOCK_N, Lk, dropout_p, BLOCK_M, BLOCK_N))
             pz_t = tl.where(keep, p_t * dropout_scale, 0.0)
             dp_t = tl.where(keep, dp_t * dropout_scale, 0.0)
         dv = tl.dot(pz_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
@@ -295,7 +296,7 @@ def _attention_bwd_dq_kernel(
         p = tl.where(col_valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         if DROPOUT:
-            keep = _keep_mask(SEED, stream, rows[:, None] * Lk + cols[None, :], dropout_p)
+            keep = _keep_mask(SEED, stream, rows, start_n, Lk, dropout_p, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)

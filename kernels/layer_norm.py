@@ -10,7 +10,7 @@ Layers, top to bottom: Triton kernels -> launchers (`_launch_*`, on (N, C) rows)
 
 Maths, per row of C elements (the names are the kernels' names):
 
-    keep  = rand(seed, index) >= dropout_p          Philox uniform on [0, 1), index = row * C + col; P(keep) = 1 - p
+    keep  = u(seed, row, col) >= dropout_p          Philox uniform on [0, 1), one call per 4 columns; P(keep) = 1 - p
     z     = x * keep / (1 - dropout_p) + residual   the pre-norm sum, rounded to x's dtype (as the reference does)
     mean  = sum(z) / C
     rstd  = 1 / sqrt(sum((z - mean)^2) / C + eps)
@@ -21,7 +21,7 @@ Backward. With wdy = weight * dy, and d xhat_j / d z_i = rstd * (delta_ij - 1/C 
 
     dz        = rstd * (wdy - sum(wdy) / C - xhat * sum(wdy * xhat) / C)
     dresidual = dz
-    dx        = dz * keep / (1 - dropout_p)         the same mask, regenerated from (seed, index), never stored
+    dx        = dz * keep / (1 - dropout_p)         the same mask, regenerated from (seed, row, col), never stored
     dweight   = sum over rows of dy * xhat
     dbias     = sum over rows of dy
 
@@ -47,15 +47,20 @@ import triton.language as tl
 
 from .kernel_spec import KernelSpec
 from .launch import as_rows, draw_seed, max_partial_sum_programs
+from .philox import philox_keep
 
 MAX_C = 8192  # the forward holds a whole row in registers; wider rows would spill
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _dropout_keep(seed, index, dropout_p):
-    """True where an element survives dropout: Philox uniform on [0, 1) at `index`, kept with probability 1 - p."""
-    return tl.rand(seed, index) >= dropout_p
+def _dropout_keep(seed, rows64, first_col, C, dropout_p, BLOCK_ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    """(BLOCK_ROWS, WIDTH) keep decisions at rows x columns first_col .. first_col + WIDTH - 1 (first_col a multiple
+    of 4), each True with probability 1 - p: element (row, col) is output col % 4 of the Philox call at the 64-bit
+    counter row * ceil(C / 4) + col // 4 (see philox.py)."""
+    groups = first_col // 4 + tl.arange(0, WIDTH // 4)
+    counter = rows64[:, None] * ((C + 3) // 4) + groups[None, :]  # (BLOCK_ROWS, WIDTH // 4) int64
+    return philox_keep(seed, counter.to(tl.uint32), (counter >> 32).to(tl.uint32), dropout_p, BLOCK_ROWS, WIDTH)
 
 
 @triton.jit
@@ -83,7 +88,7 @@ def _layer_norm_fwd_kernel(
 
     z = tl.load(X + rows64[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, dense, dropout_p)
+        keep = _dropout_keep(seed, rows64, 0, C, dropout_p, BLOCK_ROWS, BLOCK_C)
         z = tl.where(keep, z * (1.0 / (1.0 - dropout_p)), 0.0)
     if HAS_RESIDUAL:
         z += tl.load(RESIDUAL + rows64[:, None] * stride_residual_row + cols[None, :], mask=mask,
@@ -118,10 +123,12 @@ def _layer_norm_bwd_load(DY, Z, W, rows64, row_ok, cols, mean, rstd, stride_dy_r
 
 
 @triton.jit
-def _layer_norm_bwd_store(DX, DRESIDUAL, rows64, cols, mask, wdy, xhat, c_one, c_xhat, rstd, C, dropout_p, seed,
-                          HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr):
-    """At (rows, cols): dz from the row sums c_one, c_xhat, stored as dresidual and, through the regenerated dropout
-    mask, as dx."""
+def _layer_norm_bwd_store(DX, DRESIDUAL, rows64, first_col, mask, wdy, xhat, c_one, c_xhat, rstd, C, dropout_p, seed,
+                          HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                          WIDTH: tl.constexpr):
+    """At rows x columns first_col .. first_col + WIDTH - 1: dz from the row sums c_one, c_xhat, stored as dresidual
+    and, through the regenerated dropout mask, as dx."""
+    cols = first_col + tl.arange(0, WIDTH)
     dz = (wdy - c_one[:, None] - xhat * c_xhat[:, None]) * rstd[:, None]
     dense = rows64[:, None] * C + cols[None, :]  # element index in the contiguous (N, C) layout
     if HAS_RESIDUAL:
@@ -129,7 +136,7 @@ def _layer_norm_bwd_store(DX, DRESIDUAL, rows64, cols, mask, wdy, xhat, c_one, c
     dx = dz
     if HAS_DROPOUT:
         # Last, when only dz and the accumulators are live: Philox is register-hungry.
-        keep = _dropout_keep(seed, dense, dropout_p)
+        keep = _dropout_keep(seed, rows64, first_col, C, dropout_p, BLOCK_ROWS, WIDTH)
         dx = tl.where(keep, dz * (1.0 / (1.0 - dropout_p)), 0.0)
     tl.store(DX + dense, dx.to(DX.dtype.element_ty), mask=mask)
 
@@ -169,8 +176,8 @@ def _layer_norm_bwd_kernel(
             db_acc += tl.sum(dy, axis=0)
             c_xhat = tl.sum(wdy * xhat, axis=1) / C  # (BLOCK_ROWS,)
             c_one = tl.sum(wdy, axis=1) / C
-            _layer_norm_bwd_store(DX, DRESIDUAL, rows64, cols, mask, wdy, xhat, c_one, c_xhat, rstd, C, dropout_p,
-                                  seed, HAS_RESIDUAL, HAS_DROPOUT)
+            _layer_norm_bwd_store(DX, DRESIDUAL, rows64, 0, mask, wdy, xhat, c_one, c_xhat, rstd, C, dropout_p,
+                                  seed, HAS_RESIDUAL, HAS_DROPOUT, BLOCK_ROWS, BLOCK_C)
         else:
             # A row too wide for registers is walked in TILE_C-wide tiles twice: once for the row sums, adding the
             # dweight / dbias terms into this program's rows of the partial sums in memory (no other program touches
@@ -201,8 +208,8 @@ def _layer_norm_bwd_kernel(
                 tile = start + tl.arange(0, TILE_C)
                 _, xhat, wdy, mask = _layer_norm_bwd_load(DY, Z, W, rows64, row_ok, tile, mean, rstd,
                                                           stride_dy_row, stride_z_row, C)
-                _layer_norm_bwd_store(DX, DRESIDUAL, rows64, tile, mask, wdy, xhat, c_one, c_xhat, rstd, C,
-                                      dropout_p, seed, HAS_RESIDUAL, HAS_DROPOUT)
+                _layer_norm_bwd_store(DX, DRESIDUAL, rows64, start, mask, wdy, xhat, c_one, c_xhat, rstd, C,
+                                      dropout_p, seed, HAS_RESIDUAL, HAS_DROPOUT, BLOCK_ROWS, TILE_C)
     if TILE_C == BLOCK_C:
         col_ok = cols < C
         tl.store(DW_PARTIAL + pid * C + cols, dw_acc, mask=col_ok)
@@ -213,8 +220,9 @@ def _launch_config(C):
     """(BLOCK_C, BLOCK_ROWS, num_warps, TILE_C) for rows of C elements: a whole row per program, several rows when C
     is small (so a program handles >= 1024 elements), 8 elements of each tensor per thread. TILE_C: the width of the
     tiles the backward walks a row in, the whole row up to 4096. A whole 8192-wide row in the backward (dy, z, xhat,
-    dz and the dweight / dbias sums, then dropout's Philox) spills registers: 64 a thread at 32 warps, 128 at 16."""
-    BLOCK_C = triton.next_power_of_2(C)
+    dz and the dweight / dbias sums, then dropout's Philox) spills registers: 64 a thread at 32 warps, 128 at 16.
+    At least 4 columns: dropout draws 4 at a time."""
+    BLOCK_C = max(4, triton.next_power_of_2(C))
     BLOCK_ROWS = max(1, 1024 // BLOCK_C)
     num_warps = BLOCK_ROWS * BLOCK_C // 256  # 4 (C <= 1024) ... 32 (C > 4096)
     return BLOCK_C, BLOCK_ROWS, num_warps, min(BLOCK_C, 4096)

@@ -259,6 +259,10 @@ def test_dropout_keep_rate_and_scaling(device, seed):
     n = keep.numel()
     sigma = (p * (1 - p) / n) ** 0.5
     assert abs(keep.double().mean().item() - (1 - p)) < 5 * sigma
+    # Neighbouring keys, within and across the 4-key groups that share a Philox call, agree as independent draws do.
+    for shift in (1, 2, 3, 4):
+        agree = (keep[..., shift:] == keep[..., :-shift]).double().mean().item()
+        assert abs(agree - (p * p + (1 - p) ** 2)) < 0.03, (shift, agree)
     # The two directions of co-attention draw independent masks.
     text_keep, image_keep = dropout_keep_mask(device, B, 20, 24, H, p, seed, co=True)
     agree = (text_keep[:, :, :20, :20] == image_keep[:, :, :20, :20]).double().mean().item()

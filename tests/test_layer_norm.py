@@ -150,6 +150,11 @@ def test_dropout_keep_rate(dropout_p, seed, device):
     assert abs(keep.float().mean().item() - (1 - dropout_p)) < 5 * sigma
     # Neither rows nor columns repeat the same mask (compared over enough elements that a chance match is ~0).
     assert not torch.equal(keep[0], keep[1]) and not torch.equal(keep[:, :500], keep[:, 500:])
+    # Neighbours within and across the 4-column groups that share a Philox call agree as independent draws do.
+    independent = dropout_p ** 2 + (1 - dropout_p) ** 2
+    for shift in (1, 2, 3, 4):
+        agree = (keep[:, shift:] == keep[:, :-shift]).float().mean().item()
+        assert abs(agree - independent) < 0.03, (shift, agree, independent)
 
 
 def test_finite_difference_with_fixed_seed(seed, device):
