@@ -8,6 +8,7 @@ run; the rest is `-m slow`.
 """
 import glob
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -19,9 +20,11 @@ import time
 import types
 
 import pytest
+import torch
+from torch.utils.data import DataLoader
 
 from vilbert import SingleStreamForPretraining, ViLBERTConfig, ViLBERTForPretraining
-from vilbert.data import write_synthetic
+from vilbert.data import ResumableSampler, write_synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train", "pretrain.py")
@@ -175,6 +178,41 @@ def test_two_ranks_match_one_rank(request, tmp_path, store, stage):
     # The export holds the trained weights, consolidated from the shards.
     exported = ViLBERTForPretraining.from_pretrained(two / "final").state_dict()
     assert all(t.numel() > 0 for t in exported.values())
+
+
+class EpochEcho(torch.utils.data.Dataset):
+    """Sample i of epoch e is (e, i)."""
+    epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, index):
+        return self.epoch, index
+
+
+def test_epoch_batches_carry_the_epoch_into_the_loader_workers():
+    sampler = ResumableSampler(10, seed=0, rank=0, world_size=1, micro_batch_size=5)
+    sampler.load_state_dict({"epoch": 3, "consumed_samples": 5})  # one batch of epoch 3 left
+    loader = DataLoader(loop.EpochIndexedDataset(EpochEcho()), batch_sampler=loop.EpochBatches(sampler),
+                        collate_fn=loop.IndexedCollator(list), num_workers=2)
+    batches = list(itertools.islice(loader, 5))
+    assert [epoch for epoch, _, _ in batches] == [3, 4, 4, 5, 5]
+    for epoch, indices, samples_ in batches:
+        assert samples_ == [(epoch, index) for index in indices]
+
+
+def test_loader_workers_give_the_same_run_across_epochs(tmp_path, zero2_runs):
+    """Worker processes that live through the epoch boundary (step 12: 96 samples, global batch 8) load the same
+    samples, masked the same way, as the training process itself: the epoch travels with every index."""
+    common, _, one = zero2_runs
+    run(1, tmp_path, *common, "--num_workers", "2")
+    assert metrics(tmp_path)[13]["epoch"] == 1
+    assert samples(tmp_path, 1) == samples(one, 1)
+    assert losses(tmp_path) == pytest.approx(losses(one), rel=1e-6)
 
 
 # ---- the single-stream baseline ------------------------------------------------------------------------------------

@@ -9,8 +9,9 @@ collective, builds its model and dataset, then hands them to `train` with two fu
                                                 (with "loss", which the progress bar shows)
 
 `train` owns what must be the same for every job: the schedule over the run, per-rank RNG streams, the resumable
-sampler, checkpoints (every --save_interval steps, at the end, and on SIGTERM/SIGINT, with `latest` replaced only once
-every rank has written), resuming at the next unseen sample, metrics.jsonl and the progress bar.
+sampler (one DataLoader for the whole run: the epoch travels with each index), checkpoints (every --save_interval
+steps, at the end, and on SIGTERM/SIGINT, with `latest` replaced only once every rank has written), resuming at the
+next unseen sample, metrics.jsonl and the progress bar.
 """
 import contextlib
 import glob
@@ -291,8 +292,22 @@ def fp32_weights(engine, output_dir):
 
 
 # ---- the loop -------------------------------------------------------------------------------------------------------
-class IndexedDataset(torch.utils.data.Dataset):
-    """Yields (index, sample) so each batch carries the dataset indices it was made from."""
+class EpochBatches:
+    """This rank's micro batches from the sampler's position on, epoch after epoch, each a list of (epoch, index): the
+    epoch travels with the indices, so one DataLoader and its worker processes serve the whole run (no restart and
+    refill at every epoch boundary)."""
+
+    def __init__(self, sampler: ResumableSampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        while True:  # the sampler moves to its next epoch after each pass
+            for batch in self.sampler:
+                yield [(self.sampler.epoch, i) for i in batch]
+
+
+class EpochIndexedDataset(torch.utils.data.Dataset):
+    """(epoch, index) -> (epoch, index, sample `index` of that epoch)."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -300,18 +315,21 @@ class IndexedDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.dataset)
 
-    def __getitem__(self, i):
-        return i, self.dataset[i]
+    def __getitem__(self, item):
+        epoch, index = item
+        if hasattr(self.dataset, "set_epoch"):  # pretraining masks and retrieval negatives are drawn per epoch
+            self.dataset.set_epoch(epoch)
+        return epoch, index, self.dataset[index]
 
 
 class IndexedCollator:
-    """(dataset indices, collator(samples)) for a list of IndexedDataset items."""
+    """(epoch, dataset indices, collator(samples)) for a list of EpochIndexedDataset items of one epoch."""
 
     def __init__(self, collator):
         self.collator = collator
 
     def __call__(self, items):
-        return [i for i, _ in items], self.collator([s for _, s in items])
+        return items[0][0], [index for _, index, _ in items], self.collator([sample for _, _, sample in items])
 
 
 def ignore_stop_signals(_worker_id):
@@ -397,64 +415,61 @@ def train(args, model, dataset, collator, ds_config, micro_step, summarize):
     window_start = time.perf_counter()
     step_indices = []
     stopping = False  # agreed by all ranks
+    sampler = ResumableSampler(len(dataset), seed=args.seed, rank=rank, world_size=world_size, micro_batch_size=micro)
+    sampler.load_state_dict({"epoch": epoch, "consumed_samples": consumed})
+    # The loader's own generator: starting an iterator must not draw from the global RNG (dropout's), or a resumed run
+    # would drop out other units than the uninterrupted run.
+    loader = DataLoader(EpochIndexedDataset(dataset), batch_sampler=EpochBatches(sampler),
+                        collate_fn=IndexedCollator(collator), num_workers=args.num_workers, pin_memory=on_gpu,
+                        worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(args.seed + epoch))
+    batches = timed(loader, waited) if step < max_steps else ()  # () when resuming a run that had finished
     with stop_requests() as stop:
-        while step < max_steps and not stopping:
-            if hasattr(dataset, "set_epoch"):
-                dataset.set_epoch(epoch)
-            sampler = ResumableSampler(len(dataset), seed=args.seed, rank=rank, world_size=world_size,
-                                       micro_batch_size=micro)
-            sampler.load_state_dict({"epoch": epoch, "consumed_samples": consumed})
-            # The loader's own generator: starting an iterator must not draw from the global RNG (dropout's), or a
-            # resumed run, which starts one mid-epoch, would drop out other units than the uninterrupted run.
-            loader = DataLoader(IndexedDataset(dataset), batch_sampler=sampler, collate_fn=IndexedCollator(collator),
-                                num_workers=args.num_workers, pin_memory=on_gpu, worker_init_fn=ignore_stop_signals,
-                                generator=torch.Generator().manual_seed(args.seed + epoch))
-            for indices, batch in timed(loader, waited):
-                loss, row = micro_step(engine, batch)
-                engine.backward(loss)
-                engine.step()
-                consumed += micro * world_size
-                step_indices.extend(indices)
-                counts = torch.tensor([len(indices), 1.0, waited[0]], dtype=torch.float64, device=row.device)
-                waited[0] = 0.0
-                window = torch.cat([row.detach().double(), counts])
-                sums = window if sums is None else sums + window
-                if engine.global_steps == step:
-                    continue  # still accumulating gradients
-                step = engine.global_steps
-                progress.update(1)
-                if samples_file:
-                    samples_file.write(json.dumps({"step": step, "indices": step_indices}) + "\n")
-                    samples_file.flush()
-                step_indices = []
-                if step % args.log_interval == 0 or step == max_steps:
-                    dist.all_reduce(sums)
-                    seconds = time.perf_counter() - window_start
-                    *task_sums, samples, micro_steps, wait_seconds = sums.tolist()
-                    record = {"step": step, "samples": step * global_batch, "epoch": epoch, "lr": engine.get_lr()[0],
-                              **summarize(task_sums, micro_steps, seconds), "samples_per_s": samples / seconds,
-                              "data_wait": wait_seconds / world_size / seconds, "max_mem_mb": peak_memory_mb()}
-                    if rank == 0:
-                        metrics_file.write(json.dumps(record) + "\n")
-                        metrics_file.flush()
-                        progress.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{samples / seconds:.1f}")
-                        if engine.monitor.enabled:
-                            engine.monitor.write_events([(f"Train/{k}", v, record["samples"])
-                                                         for k, v in record.items() if k not in ("step", "samples")])
-                    sums = None
-                    window_start = time.perf_counter()
-                # Every rank must stop at the same step, or the next collective hangs: a signal on any rank counts.
-                flag = torch.tensor(float(stop["signal"] is not None), device=engine.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stopping = bool(flag.item())
-                if step % args.save_interval == 0 or step >= max_steps or stopping:
-                    save_checkpoint(engine, args.output_dir, {"step": step, "epoch": epoch,
-                                                              "consumed_samples": consumed,
-                                                              "world_size": world_size}, args.keep_last)
-                if step >= max_steps or stopping:
-                    break
-            else:  # the epoch ran out: the next one starts from its first sample
-                epoch, consumed = epoch + 1, 0
+        for batch_epoch, indices, batch in batches:
+            if batch_epoch != epoch:  # the previous epoch ran out: this is the first batch of the next
+                epoch, consumed = batch_epoch, 0
+            loss, row = micro_step(engine, batch)
+            engine.backward(loss)
+            engine.step()
+            consumed += micro * world_size
+            step_indices.extend(indices)
+            counts = torch.tensor([len(indices), 1.0, waited[0]], dtype=torch.float64, device=row.device)
+            waited[0] = 0.0
+            window = torch.cat([row.detach().double(), counts])
+            sums = window if sums is None else sums + window
+            if engine.global_steps == step:
+                continue  # still accumulating gradients
+            step = engine.global_steps
+            progress.update(1)
+            if samples_file:
+                samples_file.write(json.dumps({"step": step, "indices": step_indices}) + "\n")
+                samples_file.flush()
+            step_indices = []
+            if step % args.log_interval == 0 or step == max_steps:
+                dist.all_reduce(sums)
+                seconds = time.perf_counter() - window_start
+                *task_sums, samples, micro_steps, wait_seconds = sums.tolist()
+                record = {"step": step, "samples": step * global_batch, "epoch": epoch, "lr": engine.get_lr()[0],
+                          **summarize(task_sums, micro_steps, seconds), "samples_per_s": samples / seconds,
+                          "data_wait": wait_seconds / world_size / seconds, "max_mem_mb": peak_memory_mb()}
+                if rank == 0:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    progress.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{samples / seconds:.1f}")
+                    if engine.monitor.enabled:
+                        engine.monitor.write_events([(f"Train/{k}", v, record["samples"])
+                                                     for k, v in record.items() if k not in ("step", "samples")])
+                sums = None
+                window_start = time.perf_counter()
+            # Every rank must stop at the same step, or the next collective hangs: a signal on any rank counts.
+            flag = torch.tensor(float(stop["signal"] is not None), device=engine.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stopping = bool(flag.item())
+            if step % args.save_interval == 0 or step >= max_steps or stopping:
+                save_checkpoint(engine, args.output_dir, {"step": step, "epoch": epoch, "consumed_samples": consumed,
+                                                          "world_size": world_size}, args.keep_last)
+            if step >= max_steps or stopping:
+                break
+    del batches  # the DataLoader iterator, and with it the worker processes, ends here
     progress.close()
     for f in (metrics_file, samples_file):
         if f is not None:
