@@ -284,13 +284,12 @@ def main(argv=None):
 
 
 def finetuning_step(engine, batch, task):
-    """One micro batch forward (loop.train's micro_step): the loss, and the row of sums logged per window: the loss,
-    the training metric's sum and its example count (see batch_hits)."""
+    """One micro batch forward (loop.train's micro_step): the loss, and the sums logged per window: the loss and the
+    training metric's sum on the device, its example count on the host (see batch_hits)."""
     batch = {k: v.to(engine.device) for k, v in batch.items()}
     out = engine(**model_inputs(batch), **task_targets(task, batch))
     hits = batch_hits(task, out.logits.detach(), batch)
-    return out.loss, torch.stack([out.loss.detach().double(), hits.sum().double(),
-                                  torch.tensor(float(len(hits)), dtype=torch.float64, device=hits.device)])
+    return out.loss, torch.stack([out.loss.detach().double(), hits.sum().double()]), [len(hits)]
 
 
 def summarize(sums, micro_steps, seconds):

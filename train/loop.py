@@ -3,10 +3,13 @@
 A script parses its own arguments plus `add_run_arguments`, checks them and the JSON (`load_ds_config`) before any
 collective, builds its model and dataset, then hands them to `train` with two functions of its own:
 
-    micro_step(engine, batch) -> (loss, row)    the forward pass of one micro batch; `row` is a float64 vector of
-                                                sums (losses, hit counts, ...) that the loop adds up over a log window
-    summarize(sums, micro_steps, seconds) -> {}  the script's metrics for the window, from the sums of all ranks
-                                                (with "loss", which the progress bar shows)
+    micro_step(engine, batch) -> (loss, device_sums, host_sums)
+        the forward pass of one micro batch, and what the loop adds up over a log window: device_sums, a float64
+        device vector (losses, hit counts, ...), and host_sums, floats known on the host (sample counts, FLOPs), kept
+        apart so that no micro step copies to the device (a copy from pageable memory waits for the GPU)
+    summarize(sums, micro_steps, seconds) -> {}
+        the script's metrics for the window from the sums of all ranks, device_sums then host_sums (with "loss",
+        which the progress bar shows)
 
 `train` owns what must be the same for every job: the schedule over the run, per-rank RNG streams, the resumable
 sampler (one DataLoader for the whole run: the epoch travels with each index), checkpoints (every --save_interval
@@ -408,9 +411,9 @@ def train(args, model, dataset, collator, ds_config, micro_step, summarize):
                     if args.log_samples else None)
     progress = tqdm(total=max_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     on_gpu = engine.device.type != "cpu"
-    # The window's sums stay on the device, so that logging costs one reduction per window: micro_step's rows, then
-    # samples, micro steps and seconds spent waiting for the loader.
-    sums = None
+    # The window's sums: micro_step's device sums stay on the device, its host sums and the loop's counts (samples,
+    # micro steps, seconds spent waiting for the loader) on the host; one copy and one reduction per window.
+    device_sums = host_sums = None
     waited = [0.0]
     window_start = time.perf_counter()
     step_indices = []
@@ -427,15 +430,15 @@ def train(args, model, dataset, collator, ds_config, micro_step, summarize):
         for batch_epoch, indices, batch in batches:
             if batch_epoch != epoch:  # the previous epoch ran out: this is the first batch of the next
                 epoch, consumed = batch_epoch, 0
-            loss, row = micro_step(engine, batch)
+            loss, on_device, on_host = micro_step(engine, batch)
             engine.backward(loss)
             engine.step()
             consumed += micro * world_size
             step_indices.extend(indices)
-            counts = torch.tensor([len(indices), 1.0, waited[0]], dtype=torch.float64, device=row.device)
+            on_device, on_host = on_device.detach().double(), [*on_host, len(indices), 1.0, waited[0]]
             waited[0] = 0.0
-            window = torch.cat([row.detach().double(), counts])
-            sums = window if sums is None else sums + window
+            device_sums = on_device if device_sums is None else device_sums + on_device
+            host_sums = on_host if host_sums is None else [a + b for a, b in zip(host_sums, on_host)]
             if engine.global_steps == step:
                 continue  # still accumulating gradients
             step = engine.global_steps
@@ -445,6 +448,7 @@ def train(args, model, dataset, collator, ds_config, micro_step, summarize):
                 samples_file.flush()
             step_indices = []
             if step % args.log_interval == 0 or step == max_steps:
+                sums = torch.cat([device_sums, torch.tensor(host_sums, dtype=torch.float64, device=device_sums.device)])
                 dist.all_reduce(sums)
                 seconds = time.perf_counter() - window_start
                 *task_sums, samples, micro_steps, wait_seconds = sums.tolist()
@@ -458,7 +462,7 @@ def train(args, model, dataset, collator, ds_config, micro_step, summarize):
                     if engine.monitor.enabled:
                         engine.monitor.write_events([(f"Train/{k}", v, record["samples"])
                                                      for k, v in record.items() if k not in ("step", "samples")])
-                sums = None
+                device_sums = host_sums = None
                 window_start = time.perf_counter()
             # Every rank must stop at the same step, or the next collective hangs: a signal on any rank counts.
             flag = torch.tensor(float(stop["signal"] is not None), device=engine.device)

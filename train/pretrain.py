@@ -113,8 +113,8 @@ def train_flops(config, text_lens, image_lens, num_mlm_targets, num_region_targe
 
 
 def pretraining_step(engine, batch, config, architecture):
-    """One micro batch forward (loop.train's micro_step): the loss, and the row of sums logged per window: the four
-    losses, MLM correct and target counts, alignment correct and pair counts, analytic FLOPs."""
+    """One micro batch forward (loop.train's micro_step): the loss, and the sums logged per window: on the device the
+    four losses, MLM correct and target counts, alignment correct; on the host the pair count and analytic FLOPs."""
     flops = train_flops(config, batch["text_lens"], batch["image_lens"],
                         int((batch["mlm_labels"] != IGNORE_INDEX).sum()), int(batch["region_mask"].sum()), architecture)
     batch = {k: t.to(engine.device, non_blocking=True) for k, t in batch.items()}
@@ -128,10 +128,9 @@ def pretraining_step(engine, batch, config, architecture):
         # mlm_logits has one row per MLM target, in row-major (b, t) order.
         mlm_correct = (out.mlm_logits.argmax(-1) == batch["mlm_labels"][masked]).sum()
         align_correct = (out.align_logits.argmax(-1) == batch["is_aligned"]).sum()
-        counts = torch.tensor([len(batch["is_aligned"]), flops], dtype=torch.float64, device=engine.device)
-        row = torch.cat([torch.stack([*(getattr(out, name).double() for name in LOSS_NAMES), mlm_correct.double(),
-                                      masked.sum().double(), align_correct.double()]), counts])
-    return out.loss, row
+        on_device = torch.stack([*(getattr(out, name).double() for name in LOSS_NAMES), mlm_correct.double(),
+                                 masked.sum().double(), align_correct.double()])
+    return out.loss, on_device, [len(batch["is_aligned"]), flops]
 
 
 def summarize(sums, micro_steps, seconds):
