@@ -19,8 +19,11 @@ backward kernels from the O and dO tiles they load anyway (no separate pre-pass 
 
 Co-attention runs both directions (text queries over image keys, image queries over text keys) in ONE forward launch:
 the grid's last axis is the direction and each program picks its direction's pointers, strides and lengths. The
-backward is two launches for both directions: one program per key block computes dK and dV (no atomics, deterministic),
-one program per query tile computes dQ. `attention` is the same kernels with one direction.
+backward covers both directions in two launches: one program per key block computes dK and dV (no atomics,
+deterministic), one program per query tile computes dQ. When one key block holds every key (up to 64 keys: ViLBERT's
+pretraining lengths), the dK/dV program sees all of each query row and writes its dQ too, so the backward is one
+launch that reads every input once (the least traffic possible) instead of two that each read Q, K, V, O and dO.
+`attention` is the same kernels with one direction.
 
 The public functions validate their inputs, apply torch.autocast, draw the dropout seed from torch's default generator
 and call registered custom ops (`torch.ops.vilbert_kernels.attention_forward` etc., with fakes and autograd), so
@@ -175,8 +178,8 @@ def _attention_fwd_kernel(
 
 @triton.jit(do_not_specialize=["SEED", "L_A", "L_B"])
 def _attention_bwd_dkdv_kernel(
-    Q0, K0, V0, O0, LSE0, DO0, DK0, DV0,  # direction 0: as in the forward; do like out; dk/dv contiguous like k
-    Q1, K1, V1, O1, LSE1, DO1, DK1, DV1,  # direction 1 (co-attention only)
+    Q0, K0, V0, O0, LSE0, DO0, DK0, DV0, DQ0,  # direction 0: as in the forward; do like out; dk/dv/dq contiguous
+    Q1, K1, V1, O1, LSE1, DO1, DK1, DV1, DQ1,  # direction 1 (co-attention only)
     LENS_A, LENS_B,  # (B,) int lengths of the L_A / L_B sequences
     stride_q0b, stride_q0l, stride_q0h, stride_k0b, stride_k0l, stride_k0h, stride_v0b, stride_v0l, stride_v0h,
     stride_q1b, stride_q1l, stride_q1h, stride_k1b, stride_k1l, stride_k1h, stride_v1b, stride_v1l, stride_v1h,
@@ -184,8 +187,10 @@ def _attention_bwd_dkdv_kernel(
     softmax_scale, dropout_p, SEED,
     HAS_LENS_A: tl.constexpr, HAS_LENS_B: tl.constexpr, DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FUSED_DQ: tl.constexpr,  # one key block covers every key (Lk <= BLOCK_N): also write dQ, complete per query tile
 ):
-    """One program per (batch*head, key block, direction): dK, dV of BLOCK_N keys, looping over the query tiles."""
+    """One program per (batch*head, key block, direction): dK, dV of BLOCK_N keys, looping over the query tiles; with
+    FUSED_DQ also dQ of every query tile, so the whole backward is this one launch (DQ* are unused otherwise)."""
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     direction = tl.program_id(2)
@@ -197,11 +202,10 @@ def _attention_bwd_dkdv_kernel(
         stride_q1b, stride_q1l, stride_q1h, stride_k1b, stride_k1l, stride_k1h, stride_v1b, stride_v1l, stride_v1h,
         L_A, L_B, HAS_LENS_A, HAS_LENS_B)
     if direction == 0:
-        O, LSE, DO, DK, DV = O0, LSE0, DO0, DK0, DV0
+        O, LSE, DO, DK, DV, DQ = O0, LSE0, DO0, DK0, DV0, DQ0
     else:
-        O, LSE, DO, DK, DV = O1, LSE1, DO1, DK1, DV1
-    O_bh = O + (b * Lq * H + h) * HEAD_DIM  # out, do: contiguous (B, Lq, H, D)
-    DO_bh = DO + (b * Lq * H + h) * HEAD_DIM
+        O, LSE, DO, DK, DV, DQ = O1, LSE1, DO1, DK1, DV1, DQ1
+    q_bh = (b * Lq * H + h) * HEAD_DIM  # out, do, dq: contiguous (B, Lq, H, D)
 
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -220,8 +224,8 @@ def _attention_bwd_dkdv_kernel(
         rows = start_m + offs_m
         row_valid = rows < q_len
         q = tl.load(_row_ptrs(Q, rows, stride_ql, HEAD_DIM), mask=row_valid[:, None], other=0.0)
-        o = tl.load(_row_ptrs(O_bh, rows, H * HEAD_DIM, HEAD_DIM), mask=row_valid[:, None], other=0.0)
-        do = tl.load(_row_ptrs(DO_bh, rows, H * HEAD_DIM, HEAD_DIM), mask=row_valid[:, None], other=0.0)
+        o = tl.load(_row_ptrs(O + q_bh, rows, H * HEAD_DIM, HEAD_DIM), mask=row_valid[:, None], other=0.0)
+        do = tl.load(_row_ptrs(DO + q_bh, rows, H * HEAD_DIM, HEAD_DIM), mask=row_valid[:, None], other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # (BLOCK_M,)
         lse = tl.load(LSE + pid_bh * Lq + rows, mask=row_valid, other=float("inf")) * LOG2E
         # Transposed tiles (keys x queries), so the dK/dV products need no register transposes.
@@ -236,6 +240,15 @@ def _attention_bwd_dkdv_kernel(
         dv = tl.dot(pz_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        if FUSED_DQ:
+            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION)
+            tl.store(_row_ptrs(DQ + q_bh, rows, H * HEAD_DIM, HEAD_DIM), (dq * softmax_scale).to(DQ.dtype.element_ty),
+                     mask=(rows < Lq)[:, None])
+    if FUSED_DQ:  # query tiles the loop skipped (padding, or no keys at all) have zero dQ
+        for start_m in range(tl.cdiv(q_end, BLOCK_M) * BLOCK_M, Lq, BLOCK_M):
+            rows = start_m + offs_m
+            tl.store(_row_ptrs(DQ + q_bh, rows, H * HEAD_DIM, HEAD_DIM),
+                     tl.zeros([BLOCK_M, HEAD_DIM], DQ.dtype.element_ty), mask=(rows < Lq)[:, None])
 
     kv_bh = (b * Lk * H + h) * HEAD_DIM  # dk, dv: contiguous (B, Lk, H, D)
     store_mask = (cols < Lk)[:, None]
@@ -320,8 +333,9 @@ def attention_launch_config(lq: int, lk: int, head_dim: int) -> dict:
     Tiles are short (16/32/64) because the sequences are: one query tile and one or two key blocks per (batch, head)
     at ViLBERT's lengths. The tile each program owns (queries in fwd/dq, keys in dkdv) is up to 64 rows, so Hopper's
     wgmma (64-row warpgroup MMA) applies; the tile a backward program loops over is at most 32, which keeps its fp32
-    score, probability and dropout tiles in registers next to the accumulators (no spills at D=128 with dropout).
-    Warps grow with the head dim for the same reason.
+    score, probability and dropout tiles in registers next to the accumulators (no spills at D=128 with dropout,
+    also when the dkdv program computes dQ as well, i.e. lk <= bwd_dkdv's BLOCK_N). Warps grow with the head dim for
+    the same reason.
     """
     num_warps = 4 if head_dim <= 64 else 8
     own_m, own_n = _block(lq), _block(lk)
@@ -388,7 +402,8 @@ def _attention_forward(directions, lens_a, lens_b, dropout_p, softmax_scale, see
 
 
 def _attention_backward(directions, outs, lses, douts, lens_a, lens_b, dropout_p, softmax_scale, seed):
-    """Gradients (dq, dk, dv) per direction: one dK/dV launch and one dQ launch cover every direction."""
+    """Gradients (dq, dk, dv) per direction: one dK/dV launch and one dQ launch cover every direction, or the dK/dV
+    launch alone when one key block holds every key (ViLBERT's pretraining lengths): it then computes dQ too."""
     directions = [tuple(_aligned(t) for t in d) for d in directions]
     douts = [_aligned(do) for do in douts]
     q, _, _ = directions[0]
@@ -397,10 +412,14 @@ def _attention_backward(directions, outs, lses, douts, lens_a, lens_b, dropout_p
     args, meta, configs = _common_args(directions, lens_a, lens_b, dropout_p, softmax_scale, seed)
 
     config = configs["bwd_dkdv"]
-    pointers = [[*d, o, lse, do, dk, dv] for d, o, lse, do, (_, dk, dv) in zip(directions, outs, lses, douts, grads)]
+    pointers = [[*d, o, lse, do, dk, dv, dq]
+                for d, o, lse, do, (dq, dk, dv) in zip(directions, outs, lses, douts, grads)]
     max_lk = max(d[1].shape[1] for d in directions)
+    fused_dq = max_lk <= config["BLOCK_N"]
     grid = (batch * num_heads, triton.cdiv(max_lk, config["BLOCK_N"]), len(directions))
-    _attention_bwd_dkdv_kernel[grid](*pointers[0], *pointers[-1], *args, **meta, **config)
+    _attention_bwd_dkdv_kernel[grid](*pointers[0], *pointers[-1], *args, **meta, **config, FUSED_DQ=fused_dq)
+    if fused_dq:
+        return grads
 
     config = configs["bwd_dq"]
     pointers = [[*d, o, lse, do, dq] for d, o, lse, do, (dq, _, _) in zip(directions, outs, lses, douts, grads)]
@@ -488,7 +507,7 @@ def co_attention_backward(text_dout: Tensor, image_dout: Tensor, text_q: Tensor,
                           text_lse: Tensor, image_lse: Tensor, text_lens: Optional[Tensor],
                           image_lens: Optional[Tensor], dropout_p: float, softmax_scale: float,
                           seed: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of the six inputs: two launches for both directions."""
+    """Gradients of the six inputs: one or two launches for both directions."""
     directions = [(text_q, image_k, image_v), (image_q, text_k, text_v)]
     (text_dq, image_dk, image_dv), (image_dq, text_dk, text_dv) = _attention_backward(
         directions, [text_out, image_out], [text_lse, image_lse], [text_dout, image_dout], text_lens, image_lens,
@@ -637,7 +656,7 @@ def attention(q, k, v, q_lens=None, kv_lens=None, dropout_p=0.0, softmax_scale=N
 
 def co_attention(text_q, text_k, text_v, image_q, image_k, image_v, text_lens=None, image_lens=None, dropout_p=0.0,
                  softmax_scale=None):
-    """ViLBERT's co-attention, both directions in one kernel launch (two in the backward).
+    """ViLBERT's co-attention, both directions in one kernel launch (one or two in the backward).
 
     text_out = attention(text_q, image_k, image_v, text_lens, image_lens, dropout_p, softmax_scale)
     image_out = attention(image_q, text_k, text_v, image_lens, text_lens, dropout_p, softmax_scale)
@@ -697,19 +716,28 @@ def _signature(fn, dtype: str, constexprs: dict) -> dict:
 
 
 def sm90_specs() -> List[KernelSpec]:
-    """The three kernels at the configurations the launcher uses for ViLBERT (both directions, lengths given):
-    fp16/bf16, D=64 (text heads) and 128 (visual and co-attention heads), with and without dropout, for lengths
-    33..128 (64-row tiles: pretraining 36x37, downstream up to 101) and 17..32 (32-row tiles)."""
+    """The kernels at the configurations the launcher uses for ViLBERT (both directions, lengths given): fp16/bf16,
+    D=64 (text heads) and 128 (visual and co-attention heads), with and without dropout, for lengths 33..64
+    (64-row tiles, one launch for the backward: pretraining 36x37), 65..128 (64-row tiles, dK/dV then dQ: downstream
+    up to 101) and 17..32 (32-row tiles, one backward launch)."""
     kernels = {"fwd": _attention_fwd_kernel, "bwd_dkdv": _attention_bwd_dkdv_kernel, "bwd_dq": _attention_bwd_dq_kernel}
     specs = []
     for head_dim in (64, 128):
         for dtype in ("fp16", "bf16"):
             for dropout in (False, True):
-                for length in (37, 32):
-                    for short, config in attention_launch_config(length, length, head_dim).items():
+                for length, shorts in ((37, ("fwd", "bwd_dkdv")), (101, ("bwd_dkdv", "bwd_dq")),
+                                       (32, ("fwd", "bwd_dkdv"))):
+                    configs = attention_launch_config(length, length, head_dim)
+                    fused_dq = length <= configs["bwd_dkdv"]["BLOCK_N"]
+                    for short in shorts:
+                        config = configs[short]
                         constexprs = dict(HAS_LENS_A=True, HAS_LENS_B=True, DROPOUT=dropout, HEAD_DIM=head_dim,
                                           BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], DOT_PRECISION="tf32")
-                        name = (f"attention_{short}[D={head_dim},{dtype},dropout={int(dropout)},"
+                        tag = ""
+                        if short == "bwd_dkdv":
+                            constexprs["FUSED_DQ"] = fused_dq
+                            tag = ",dq" if fused_dq else ""
+                        name = (f"attention_{short}{tag}[D={head_dim},{dtype},dropout={int(dropout)},"
                                 f"BLOCK={config['BLOCK_M']}x{config['BLOCK_N']}]")
                         fn = kernels[short]
                         specs.append(KernelSpec(name, fn, _signature(fn, dtype, constexprs), constexprs,
