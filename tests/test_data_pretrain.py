@@ -145,7 +145,8 @@ def test_sample_invariants(synthetic_store, tokenizer):
             n = len(record["features"])
             ids, labels = s["input_ids"], s["mlm_labels"]
             assert ids.dtype == labels.dtype == torch.int64 and s["image_features"].dtype == torch.float32
-            assert s["image_features"].shape == (n + 1, 2048) and s["region_targets"].shape == (n + 1, 1601)
+            assert s["image_features"].shape == (n + 1, 2048) and s["region_mask"].shape == (n + 1,)
+            assert s["region_targets"].shape == (int(s["region_mask"].sum()), 1601)
             # [CLS]/[SEP] are never targets, targets are real word pieces.
             assert ids[0] == tokenizer.cls_id and ids[-1] == tokenizer.sep_id
             assert labels[0] == labels[-1] == IGNORE_INDEX
@@ -164,11 +165,11 @@ def test_sample_invariants(synthetic_store, tokenizer):
             np.testing.assert_array_equal(features[~zeroed], record["features"][~zeroed])
             # The IMG token is the mean of the regions after masking.
             np.testing.assert_allclose(s["image_features"][0].numpy(), features.mean(axis=0), rtol=1e-6, atol=1e-6)
-            # Targets: the (renormalized) detector distribution at masked regions, zero elsewhere.
+            # Targets: the (renormalized) detector distributions of the masked regions, in order.
             region_targets = s["region_targets"].numpy()
-            assert (region_targets[0] == 0).all() and (region_targets[1:][~mask] == 0).all()
-            np.testing.assert_allclose(region_targets[1:][mask].sum(axis=1), 1.0, rtol=1e-5)
-            np.testing.assert_allclose(region_targets[1:][mask], record["cls_prob"][mask], rtol=2e-3, atol=1e-6)
+            assert region_targets.dtype == np.float32
+            np.testing.assert_allclose(region_targets.sum(axis=1), 1.0, rtol=1e-5)
+            np.testing.assert_allclose(region_targets, record["cls_prob"][mask], rtol=2e-3, atol=1e-6)
 
 
 def test_masking_rates_match_the_paper(tmp_path, tokenizer):
@@ -259,7 +260,7 @@ def test_drop_masked_loss_on_negatives(synthetic_store, tokenizer):
         else:
             negatives += 1
             assert (b["mlm_labels"] == IGNORE_INDEX).all() and not b["region_mask"].any()
-            assert (b["region_targets"] == 0).all()
+            assert b["region_targets"].shape == (0, 1601)
     assert negatives > 5
 
 
@@ -296,9 +297,10 @@ def test_collator_pads_at_the_end(synthetic_store, tokenizer):
     B = len(samples)
     T = max(len(s["input_ids"]) for s in samples)
     V = max(len(s["image_features"]) for s in samples)
+    M = sum(len(s["region_targets"]) for s in samples)
     expected = {"input_ids": (B, T), "token_type_ids": (B, T), "text_lens": (B,), "image_features": (B, V, 2048),
                 "image_locations": (B, V, 5), "image_lens": (B,), "mlm_labels": (B, T),
-                "region_targets": (B, V, 1601), "region_mask": (B, V), "is_aligned": (B,)}
+                "region_targets": (M, 1601), "region_mask": (B, V), "is_aligned": (B,)}
     assert {k: tuple(v.shape) for k, v in batch.items()} == expected
     for key, dtype in (("input_ids", torch.int64), ("text_lens", torch.int64), ("image_lens", torch.int64),
                        ("image_features", torch.float32), ("region_mask", torch.bool), ("is_aligned", torch.int64)):
@@ -311,7 +313,10 @@ def test_collator_pads_at_the_end(synthetic_store, tokenizer):
         assert (batch["mlm_labels"][row, t:] == IGNORE_INDEX).all()
         assert torch.equal(batch["image_features"][row, :v], s["image_features"])
         assert (batch["image_features"][row, v:] == 0).all() and (batch["image_locations"][row, v:] == 0).all()
-        assert not batch["region_mask"][row, v:].any() and (batch["region_targets"][row, v:] == 0).all()
+        assert torch.equal(batch["region_mask"][row, :v], s["region_mask"]) and not batch["region_mask"][row, v:].any()
+    # The targets' rows follow region_mask's True entries in row-major (b, v) order, as the model takes them.
+    assert torch.equal(batch["region_targets"], torch.cat([s["region_targets"] for s in samples]))
+    assert batch["region_mask"].sum() == M
     with pytest.raises(ValueError, match="non-empty"):
         PretrainCollator()([])
 

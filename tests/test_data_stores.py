@@ -15,6 +15,7 @@ import pytest
 from vilbert.data import (BadRecordError, NativeStore, OfficialFeatureLmdb, OfficialPretrainLmdb, StoreWriter,
                           TsvReader, convert, detect_format, open_store, verify_store)
 from vilbert.data.__main__ import main
+from vilbert.data.stores import validate_record
 
 FEATURE_DIM = 2048
 NUM_CLASSES = 1601
@@ -100,12 +101,13 @@ def assert_same_record(got, want, fp16=False, captions=True, cls_prob=True):
     assert got["image_id"] == want["image_id"]
     assert (got["image_w"], got["image_h"]) == (want["image_w"], want["image_h"])
     np.testing.assert_array_equal(got["boxes"], want["boxes"])
-    assert got["features"].dtype == np.float32
-    expected = want["features"].astype(np.float16).astype(np.float32) if fp16 else want["features"]
-    np.testing.assert_array_equal(got["features"], expected)
+    # The native store gives its float16 arrays as they are; other readers give float32.
+    stored = np.float16 if fp16 else np.float32
+    assert got["features"].dtype == stored
+    np.testing.assert_array_equal(got["features"], want["features"].astype(stored))
     if cls_prob:
-        expected = want["cls_prob"].astype(np.float16).astype(np.float32) if fp16 else want["cls_prob"]
-        np.testing.assert_array_equal(got["cls_prob"], expected)
+        assert got["cls_prob"].dtype == stored
+        np.testing.assert_array_equal(got["cls_prob"], want["cls_prob"].astype(stored))
     else:
         assert "cls_prob" not in got
     if captions:
@@ -225,6 +227,31 @@ def test_bad_values_and_shapes_are_named(tmp_path, records):
     with pytest.raises(BadRecordError, match="image_w must be a positive number"):
         with StoreWriter(tmp_path / "out3") as writer:
             writer.add({**records[0], "image_w": 0})
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_non_finite_and_negative_values_are_caught_in_every_precision(records, dtype):
+    """validate_record reads float16 arrays through their bits (fast paths): the same verdicts as on float64."""
+    def check(features=None, cls_prob=None):
+        record = records[0]
+        return validate_record({**record, "features": (record["features"] if features is None else features),
+                                "cls_prob": (record["cls_prob"] if cls_prob is None else cls_prob)}, "here")
+
+    ok = check(records[0]["features"].astype(dtype), records[0]["cls_prob"].astype(dtype))
+    assert ok["features"].dtype == ok["cls_prob"].dtype == (np.float32 if dtype == np.float64 else dtype)
+    for bad in (np.nan, np.inf, -np.inf):
+        features = records[0]["features"].astype(dtype)
+        features[-1, 7] = bad
+        with pytest.raises(BadRecordError, match="features contain NaN or inf"):
+            check(features=features)
+    for bad, rejected in ((-1e-3, True), (-0.0, False), (0.0, False), (np.nan, True), (-np.inf, True)):
+        cls_prob = records[0]["cls_prob"].astype(dtype)
+        cls_prob[-1, 2] = bad
+        if rejected:
+            with pytest.raises(BadRecordError, match="cls_prob contain NaN, inf or negative"):
+                check(cls_prob=cls_prob)
+        else:
+            check(cls_prob=cls_prob)
 
 
 def test_damaged_native_record_is_detected(tmp_path, records):

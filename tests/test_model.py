@@ -238,6 +238,12 @@ def test_losses_against_float64_formulas():
     torch.testing.assert_close(out.region_loss.double(), kl[mask].mean())
     align = F.cross_entropy(full.align_logits.double(), batch["is_aligned"])
     torch.testing.assert_close(out.align_loss.double(), align)
+    # PretrainCollator's layout: only the masked regions' rows, in region_mask's row-major order.
+    with torch.no_grad():
+        compact = model(**{**batch, "region_targets": batch["region_targets"][mask]})
+    assert torch.equal(compact.region_loss, out.region_loss)
+    with pytest.raises(ValueError, match="region_targets has 1 rows but region_mask selects"):
+        model(**{**batch, "region_targets": batch["region_targets"][mask][:1]})
 
 
 def test_losses_without_targets_are_zero_not_nan():
@@ -329,6 +335,7 @@ def test_single_stream_forward_backward():
     ("image_lens", torch.tensor([3.0, 3.0]), "image_lens"),
     ("mlm_labels", torch.zeros(2, 3, dtype=torch.long), "mlm_labels"),
     ("region_targets", torch.zeros(2, 3, 7), "region_targets"),
+    ("region_targets", torch.zeros(2, 7), "region_targets"),
     ("is_aligned", torch.zeros(2), "is_aligned"),
 ])
 def test_bad_inputs_name_the_argument(name, value, message):

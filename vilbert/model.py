@@ -524,8 +524,10 @@ class ViLBERTForPretraining(CheckpointMixin, nn.Module):
                 image_lens=None, mlm_labels=None, region_targets=None, region_mask=None,
                 is_aligned=None) -> PretrainingOutput:
         """Inputs as ViLBERTModel.forward; labels (each optional, its loss computed when given): mlm_labels (B, T)
-        int64 with -100 at non-targets; region_targets (B, V, v_target_size) class distributions with region_mask
-        (B, V) bool (True = masked region = target); is_aligned (B,) int64 (1 = the caption belongs to the image)."""
+        int64 with -100 at non-targets; region_mask (B, V) bool (True = masked region = target) with region_targets,
+        the targets' class distributions: (B, V, v_target_size) (the official layout; rows off the mask are ignored)
+        or (M, v_target_size), one row per True of region_mask in row-major (b, v) order (PretrainCollator's);
+        is_aligned (B,) int64 (1 = the caption belongs to the image)."""
         out = self.bert(input_ids, image_features, image_locations, token_type_ids, text_lens, image_lens)
         B, T = input_ids.shape
         V = image_features.shape[1]
@@ -543,7 +545,12 @@ class ViLBERTForPretraining(CheckpointMixin, nn.Module):
             targets = mlm_labels[mlm_labels != IGNORE_INDEX]  # (N,)
             losses["mlm_loss"] = F.cross_entropy(mlm_logits.float(), targets, reduction="sum") / max(len(targets), 1)
         if region_targets is not None:
-            losses["region_loss"] = region_kl_loss(region_logits, region_targets[region_mask])
+            if region_targets.dim() == 3:
+                region_targets = region_targets[region_mask]
+            if len(region_targets) != len(region_logits):  # both lengths are known on the host by now
+                raise ValueError(f"region_targets has {len(region_targets)} rows but region_mask selects "
+                                 f"{len(region_logits)} regions; expected one row per masked region")
+            losses["region_loss"] = region_kl_loss(region_logits, region_targets)
         if is_aligned is not None:
             losses["align_loss"] = F.cross_entropy(align_logits.float(), is_aligned)
         metrics = {}
@@ -570,7 +577,9 @@ def _check_labels(B, T, V, num_classes, mlm_labels, region_targets, region_mask,
 
     floats = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
     check("mlm_labels", mlm_labels, (B, T), (torch.int64,))
-    check("region_targets", region_targets, (B, V, num_classes), floats)
+    compact = torch.is_tensor(region_targets) and region_targets.dim() == 2  # (M, C): a row per masked region
+    check("region_targets", region_targets, (len(region_targets), num_classes) if compact else (B, V, num_classes),
+          floats)
     check("region_mask", region_mask, (B, V), (torch.bool,))
     check("is_aligned", is_aligned, (B,), (torch.int64,))
     if (region_targets is None) != (region_mask is None):

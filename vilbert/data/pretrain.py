@@ -8,10 +8,14 @@ Shapes (legend: T_i / V_i = this sample's text / visual length, T / V = the batc
     mlm_labels       (T_i,) int64, -100 = none (B, T), -100 at padding
     image_features   (V_i, 2048) float32       (B, V, 2048), zeros at padding
     image_locations  (V_i, 5) float32          (B, V, 5), zeros at padding
-    region_targets   (V_i, C) float32          (B, V, C), zeros where region_mask is False
     region_mask      (V_i,) bool               (B, V), False at padding
+    region_targets   (M_i, C) float32          (M, C): M = region_mask.sum(), one row per masked region in
+                                               row-major (b, v) order, as region_mask selects them
     is_aligned       () int64                  (B,)
                                                text_lens (B,), image_lens (B,) int64
+
+Region targets come only for the masked regions (about 15%): padded to (B, V, C) they would be the largest tensor of
+a batch (C = 1601), nearly all zeros, copied by the loader and to the device every step.
 
 Region 0 is the IMG token: its feature is the mean of the real regions' features after masking, its location
 [0, 0, 1, 1, 1]; it is never masked. V_i = 1 + min(num_boxes, max_regions).
@@ -126,7 +130,7 @@ class PretrainDataset(Dataset):
         features, locations, region_targets, region_mask = self._mask_regions(rng, record)
         if not is_aligned and self.drop_masked_loss_on_negatives:
             mlm_labels[:] = IGNORE_INDEX
-            region_targets[:] = 0.0
+            region_targets = region_targets[:0]
             region_mask[:] = False
         return {
             "input_ids": torch.from_numpy(input_ids),
@@ -156,23 +160,23 @@ class PretrainDataset(Dataset):
         return masked, labels
 
     def _mask_regions(self, rng: np.random.Generator, record: dict):
-        """15% of the real regions become targets (90% of them zeroed, 10% unchanged); prepends the IMG token."""
-        features = record["features"][: self.max_regions]  # (N, 2048)
+        """15% of the real regions become targets (90% of them zeroed, 10% unchanged); prepends the IMG token.
+        Returns features (V_i, 2048), locations (V_i, 5), the targets' class distributions (M_i, C), region_mask
+        (V_i,)."""
+        features = record["features"][: self.max_regions].astype(np.float32)  # (N, 2048), a copy of the store's
         num_regions = features.shape[0]
         chosen = rng.random(num_regions) < REGION_MASK_PROB
         zeroed = chosen & (rng.random(num_regions) < 0.9)
-        features = np.where(zeroed[:, None], 0.0, features).astype(np.float32)
+        features[zeroed] = 0.0
         img_feature = features.mean(axis=0, keepdims=True)  # after masking, as the official code
         features = np.concatenate([img_feature, features])  # (V_i, 2048)
 
         locations = image_locations(record["boxes"][: self.max_regions], record["image_w"], record["image_h"])
         locations = np.concatenate([np.array([IMG_LOCATION], dtype=np.float32), locations])  # (V_i, 5)
 
-        cls_prob = record["cls_prob"][: self.max_regions]
+        region_targets = record["cls_prob"][: self.max_regions][chosen].astype(np.float32)  # (M_i, C)
         # Stored distributions are fp16: renormalize so each target sums to 1 exactly.
-        cls_prob = cls_prob / np.maximum(cls_prob.sum(axis=1, keepdims=True), 1e-12)
-        region_targets = np.zeros((num_regions + 1, cls_prob.shape[1]), dtype=np.float32)  # (V_i, C)
-        region_targets[1:][chosen] = cls_prob[chosen]
+        region_targets /= np.maximum(region_targets.sum(axis=1, keepdims=True), 1e-12)
         region_mask = np.concatenate([[False], chosen])
         return features, locations, region_targets, region_mask
 
@@ -208,7 +212,7 @@ class PretrainCollator:
             "image_locations": pad("image_locations", image_len),
             "image_lens": image_lens,
             "mlm_labels": pad("mlm_labels", text_len, IGNORE_INDEX),
-            "region_targets": pad("region_targets", image_len),
             "region_mask": pad("region_mask", image_len, False),
+            "region_targets": torch.cat([s["region_targets"] for s in samples]),
             "is_aligned": torch.stack([s["is_aligned"] for s in samples]),
         }

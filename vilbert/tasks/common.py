@@ -6,6 +6,7 @@ plus the task's own targets. `TaskCollator` pads them at the end into (B, T) / (
 """
 from typing import Dict, List, Mapping, Sequence, Union
 
+import numpy as np
 import torch
 
 from vilbert.data.pretrain import IMG_LOCATION, image_locations
@@ -52,8 +53,9 @@ def encode_regions(record: Mapping, max_regions: int) -> Dict[str, torch.Tensor]
     """
     if max_regions < 1:
         raise ValueError(f"max_regions must be >= 1, got {max_regions}")
-    features = torch.as_tensor(record["features"], dtype=torch.float32)[:max_regions]  # (N, 2048)
-    boxes = torch.as_tensor(record["boxes"], dtype=torch.float32)[:max_regions]  # (N, 4)
+    # Copies: a store's arrays may be read-only views of its bytes (float16 features in the native store).
+    features = torch.from_numpy(np.array(record["features"][:max_regions], dtype=np.float32))  # (N, 2048)
+    boxes = torch.from_numpy(np.array(record["boxes"][:max_regions], dtype=np.float32))  # (N, 4)
     if features.shape[0] == 0:
         raise ValueError(f"image {record.get('image_id')!r} has no regions")
     w, h = float(record["image_w"]), float(record["image_h"])
