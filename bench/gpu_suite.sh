@@ -142,6 +142,7 @@ for path in sorted(glob.glob(sys.argv[1] + "/*.json")):
         bw = f" {r['pct_of_copy_bw']:.0f}%BW" if r.get("pct_of_copy_bw") else ""
         print(f"{head}: {r['ms_p50']:.4f} ms{bw} x[{speedups}]")
 PY
+"$PYTHON" -m bench.targets "$OUT_DIR/bench"  # the targets against these results (also into targets.md there)
 echo "--- pretraining on the GPU, the last metrics lines:"
 tail -n 2 "$OUT_DIR/pretrain/metrics.jsonl" 2>/dev/null
 echo

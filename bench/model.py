@@ -37,7 +37,8 @@ BACKENDS = {"reference": ("torch", False), "sdpa": ("sdpa", False), OURS: ("trit
 
 
 def make_batch(config, B: int, T: int, V: int, device, seed: int = 0) -> dict:
-    """A synthetic pretraining batch with the keys and dtypes of vilbert.data.PretrainCollator (padding at the end)."""
+    """A synthetic pretraining batch with the keys, dtypes and layout of vilbert.data.PretrainCollator (padding at the
+    end)."""
     gen = torch.Generator().manual_seed(seed)
     text_lens = torch.normal(0.6 * T, 0.2 * T, (B,), generator=gen).round().clamp(3, T).long()
     image_lens = torch.randint(min(10, V - 1), V, (B,), generator=gen) + 1  # regions + the IMG token
@@ -56,6 +57,7 @@ def make_batch(config, B: int, T: int, V: int, device, seed: int = 0) -> dict:
     locations = torch.cat([x1y1, x2y2, area], -1) * image_valid[..., None]
     locations[:, 0] = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0])
     features = torch.randn(B, V, config.v_feature_size, generator=gen).relu() * image_valid[..., None]
+    region_mask = regions & (torch.rand(B, V, generator=gen) < 0.15)
     batch = {
         "input_ids": input_ids,
         "token_type_ids": torch.zeros(B, T, dtype=torch.long),
@@ -64,8 +66,9 @@ def make_batch(config, B: int, T: int, V: int, device, seed: int = 0) -> dict:
         "image_locations": locations,
         "image_lens": image_lens,
         "mlm_labels": torch.where(mlm_targets, input_ids, torch.full_like(input_ids, -100)),
-        "region_targets": torch.softmax(torch.randn(B, V, config.v_target_size, generator=gen) * 3, -1),
-        "region_mask": regions & (torch.rand(B, V, generator=gen) < 0.15),
+        "region_mask": region_mask,  # and the collator's targets: one row per masked region
+        "region_targets": torch.softmax(torch.randn(int(region_mask.sum()), config.v_target_size, generator=gen) * 3,
+                                        -1),
         "is_aligned": torch.randint(0, 2, (B,), generator=gen),
     }
     return {k: v.to(device) for k, v in batch.items()}

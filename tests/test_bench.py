@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import common, kernels, ops  # noqa: E402
+from bench import common, kernels, ops, targets  # noqa: E402
 from bench import model as bench_model  # noqa: E402
+OURS_NAME = common.OURS
 GPU_ONLY = {"flex", "flash_attn", "xformers", "ours", "apex"}
 # The suites run real shapes for minutes on a GPU; these tests check the CPU quick mode (the GPU run is gpu_suite.sh).
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="tests the CPU quick mode; on a GPU run "
@@ -68,6 +69,10 @@ def test_cli_kernels_quick_writes_json_markdown_and_plot(tmp_path):
     md = (tmp_path / "kernels.md").read_text()
     assert "| co_attention | fwd+bwd |" in md and "| ours |" in md
     assert (tmp_path / "kernels.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The targets are GPU targets: on CPU results each one says it was not measured, and the table says why.
+    assert targets.main([str(tmp_path)]) == 0
+    table = (tmp_path / "targets.md").read_text()
+    assert "0 met, 0 short" in table and "device cpu" in table and "no our row in this run" in table
 
 
 class WrongAttention(kernels.Reference):
@@ -211,3 +216,46 @@ def test_gpu_suite_parses_and_dry_runs(tmp_path):
     assert "-m bench kernels" in log and "--out" in log and "--budget-s" in log
     usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
     assert usage.returncode == 2 and "usage" in usage.stderr
+
+
+def test_targets_verdicts():
+    def row(provider, mode, ms, op="co_attention", family="pretraining", dropout_p=0.1, **fields):
+        shape = {"family": family, "B": 256, "T": 36, "V": 37} if op == "co_attention" else \
+            {"family": family, "B": 8, "Lq": 2048, "Lk": 2048}
+        return common.make_row(op=op, mode=mode, shape=shape, dtype="bf16", dropout_p=dropout_p, provider=provider,
+                               ms_p50=ms, correct=ms is not None or None, **fields)
+
+    rows = [row("reference", "fwd+bwd", 4.0), row("sdpa", "fwd+bwd", 1.2),
+            common.skipped_row("flash_attn is not installed", op="co_attention", mode="fwd+bwd", dtype="bf16",
+                               shape={"family": "pretraining"}, dropout_p=0.1, provider="flash_attn"),
+            row(OURS_NAME, "fwd+bwd", 1.0), row(OURS_NAME, "fwd", 0.1, pct_of_copy_bw=80.0),
+            row(OURS_NAME, "bwd", 0.2, pct_of_copy_bw=60.0),
+            row("sdpa_flash", "fwd", 1.0, op="attention", family="square", dropout_p=0.0),
+            row(OURS_NAME, "fwd", 1.3, op="attention", family="square", dropout_p=0.0)]
+    common.add_speedups(rows)
+    model = [common.make_row(op="train_step:vilbert-base", mode="step", shape={"preset": "vilbert-base", "B": b},
+                             dtype="bf16", dropout_p=0.1, provider=p, ms_p50=ms, correct=True, samples_per_s=sps,
+                             peak_mem_mb=mem)
+             for p, b, ms, sps, mem in (("reference", 128, 100.0, 1280.0, 70000.0), (OURS_NAME, 256, 100.0, 2560.0,
+                                        50000.0), ("reference_compiled", 256, 90.0, 2800.0, 40000.0))]
+    results = {(r["shape"], r["target"]): r for r in targets.evaluate({"rows": rows}, {"rows": model})}
+    verdict = {key: r["verdict"] for key, r in results.items()}
+    pre = "co_attention pretraining"
+    assert verdict[pre, "fwd+bwd p=0.1 vs reference"] == "met"  # 4.0x >= 3
+    assert verdict[pre, "fwd+bwd p=0.1 vs sdpa"] == "SHORT"  # 1.2x < 1.5
+    assert verdict[pre, "fwd+bwd p=0.1 vs flash_attn"] == "not measured: flash_attn skipped: flash_attn is not installed"
+    assert verdict[pre, "fwd p=0.1 share of the bandwidth floor"] == "met"
+    assert verdict[pre, "bwd p=0.1 share of the bandwidth floor"] == "SHORT"
+    assert verdict["co_attention downstream", "fwd+bwd p=0.1 vs reference"] == "not measured: no our row in this run"
+    square = "attention square L=2048"
+    assert results[square, "fwd p=0 vs sdpa_flash"]["measured"] == pytest.approx(0.769, abs=1e-3)
+    assert verdict[square, "fwd p=0 vs sdpa_flash"] == "SHORT"
+    assert verdict["attention square L=1024", "fwd p=0 vs sdpa_flash"].startswith("not measured")
+    step = "vilbert-base training step"
+    # samples/s, not step time: the reference ran at half the batch in the same time
+    assert results[step, "samples/s vs reference"]["measured"] == 2.0 and verdict[step, "samples/s vs reference"] == "met"
+    assert verdict[step, "samples/s vs reference_compiled"] == "SHORT"
+    assert verdict[step, "peak memory vs reference"] == "met" and verdict[step, "peak memory vs reference_compiled"] \
+        == "SHORT"
+    table = targets.markdown(list(results.values()), [])
+    assert "4 met, 5 short" in table
