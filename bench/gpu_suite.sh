@@ -4,7 +4,7 @@
 #   bash bench/gpu_suite.sh OUT_DIR [--dry-run]
 #
 # Installs the wheels carried in .whl/ (bench/prepare_wheels.sh fills it), installs the project (editable, no deps),
-# records nvidia-smi and versions, then runs: the sm_90 compile check, `pytest -m gpu`, the kernel tests compiled
+# records nvidia-smi and versions, then runs: `pytest -m gpu`, the kernel tests compiled
 # (on a GPU conftest does not set the interpreter), the kernels, ops and model benchmarks, and a short pretraining
 # run (train/ds.json: bf16, Triton backend) for its samples/s. Every step has its own
 # timeout, capped so that the whole suite ends inside TOTAL_S seconds (default 470: inside 8 minutes); a failing
@@ -28,7 +28,7 @@ PYTHON=${PYTHON:-python3}
 TOTAL_S=${TOTAL_S:-470}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET  # compiled kernels on the GPU; the compile check must not run in the interpreter
+unset TRITON_INTERPRET  # compiled kernels on the GPU
 echo "gpu_suite $(date -u +%Y-%m-%dT%H:%M:%SZ) repo=$(pwd) dry_run=$DRY_RUN total_s=$TOTAL_S" >"$SUMMARY"
 
 # run_step NAME TIMEOUT_S CMD...: runs CMD with its output in logs/NAME.log, under a timeout cut to what is left of
@@ -93,9 +93,9 @@ PY
     } >"$OUT_DIR/versions.txt" 2>&1
 fi
 
-# 4. Checks, then 5. benchmarks. RESERVE_S keeps time for the benchmarks while the checks run.
-RESERVE_S=320
-run_step compile_check 45 "$PYTHON" -m vilbert_kernels.compile_check
+# 4. Checks, then 5. benchmarks. RESERVE_S keeps time for the benchmarks while the checks run. (The sm_90 compile
+#    check is not here: CI runs it with the same Triton and needs no GPU.)
+RESERVE_S=350
 # The kernel tests launch ~220 distinct Triton specializations (counted in the interpreter), each compiled on first
 # use at ~0.4 s of one core: pytest-xdist (in the GPU image) spreads the compiling over 8 of the 16 cores. Inductor
 # (the torch.compile tests) then compiles in each worker's own process instead of starting a pool per worker.
@@ -110,17 +110,18 @@ if ((${#KERNEL_TESTS[@]})); then
     run_step pytest_kernels 75 "${PYTEST[@]}" "${KERNEL_TESTS[@]}"
 fi
 # The benchmarks stop starting new cases at --budget-s and write what they have; the timeout is the backstop.
-RESERVE_S=195
+RESERVE_S=225
 run_step bench_kernels 125 "$PYTHON" -m bench kernels --quick --out "$OUT_DIR/bench" --budget-s 95
-RESERVE_S=150
+RESERVE_S=180
 run_step bench_ops 45 "$PYTHON" -m bench ops --quick --out "$OUT_DIR/bench" --budget-s 30
-RESERVE_S=50
+RESERVE_S=80
 run_step bench_model 100 "$PYTHON" -m bench model --quick --out "$OUT_DIR/bench" --budget-s 50
 # 6. The main job on the GPU (issue: "the same command on one GPU with bf16 and the Triton backend; record samples/s"):
 #    the small model, train/ds.json, a world of one without the launcher, the default loader workers; metrics.jsonl
 #    has samples_per_s, and data_wait tells whether the loader or the GPU set it.
+#    80 s: DeepSpeed's start, the loader workers' fork and the first steps' Triton compiles come before the 30 steps.
 RESERVE_S=0
-run_step pretrain_gpu 50 "$PYTHON" train/pretrain.py --deepspeed_config train/ds.json --max_steps 30 --log_interval 5 \
+run_step pretrain_gpu 80 "$PYTHON" train/pretrain.py --deepspeed_config train/ds.json --max_steps 30 --log_interval 5 \
     --output_dir "$OUT_DIR/pretrain" --save_interval 1000000
 rm -rf "$OUT_DIR"/pretrain/global_step* "$OUT_DIR"/pretrain/final  # a 30-step run's weights: not worth bringing back
 

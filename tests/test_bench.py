@@ -210,7 +210,8 @@ def test_gpu_suite_parses_and_dry_runs(tmp_path):
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     summary = (tmp_path / "out" / "summary.txt").read_text()
-    for step in ("install_project", "compile_check", "pytest_gpu", "bench_kernels", "bench_ops", "bench_model"):
+    for step in ("install_project", "pytest_gpu", "pytest_kernels", "bench_kernels", "bench_ops", "bench_model",
+                 "pretrain_gpu"):
         assert f"{step} rc=0" in summary
     log = (tmp_path / "out" / "logs" / "bench_kernels.log").read_text()
     assert "-m bench kernels" in log and "--out" in log and "--budget-s" in log
