@@ -335,7 +335,8 @@ def attention_launch_config(lq: int, lk: int, head_dim: int) -> dict:
     wgmma (64-row warpgroup MMA) applies; the tile a backward program loops over is at most 32, which keeps its fp32
     score, probability and dropout tiles in registers next to the accumulators (no spills at D=128 with dropout,
     also when the dkdv program computes dQ as well, i.e. lk <= bwd_dkdv's BLOCK_N). Warps grow with the head dim for
-    the same reason.
+    the same reason. (A 128-key dkdv block, which would make the downstream backward one launch too, spills at D=64
+    and at D=128 with dropout: compile_check, triton 3.6.)
     """
     num_warps = 4 if head_dim <= 64 else 8
     own_m, own_n = _block(lq), _block(lk)
