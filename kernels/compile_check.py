@@ -89,11 +89,12 @@ def check(specs: List[KernelSpec]) -> List[Dict[str, object]]:
 
 
 def format_table(rows: List[Dict[str, object]]) -> str:
-    lines = ["| kernel | warps | stages | REG | shared B | LOCAL | STACK | MMA | ok |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| kernel | warps | stages | REG | shared B | LOCAL | STACK | MMA | ok |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['kernel']} | {r['num_warps']} | {r['num_stages']} | {r.get('REG', '-')} | "
-                     f"{r.get('shared_bytes', '-')} | {r.get('LOCAL', '-')} | {r.get('STACK', '-')} | {r.get('mma', '-')} | "
-                     f"{'yes' if r['ok'] else 'NO: ' + str(r['error'])} |")
+                     f"{r.get('shared_bytes', '-')} | {r.get('LOCAL', '-')} | {r.get('STACK', '-')} | "
+                     f"{r.get('mma', '-')} | {'yes' if r['ok'] else 'NO: ' + str(r['error'])} |")
     return "\n".join(lines)
 
 

@@ -28,7 +28,8 @@ def sliced_attention(q, k, v, q_lens, kv_lens, softmax_scale):
     return out
 
 
-@pytest.mark.parametrize("q_lens, kv_lens", [(None, None), ([5, 1, 3], [7, 0, 2]), (None, [0, 7, 4]), ([2, 5, 5], None)])
+@pytest.mark.parametrize("q_lens, kv_lens", [(None, None), ([5, 1, 3], [7, 0, 2]), (None, [0, 7, 4]),
+                                             ([2, 5, 5], None)])
 def test_sdpa_attention_equals_float64_spec(q_lens, kv_lens):
     torch.manual_seed(0)
     B, Lq, Lk, H, D = 3, 5, 7, 2, 16
