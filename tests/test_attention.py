@@ -1,8 +1,8 @@
 """Tests of `vilbert_kernels.attention` and `co_attention` against the float64 reference in `kernels/reference.py`.
 
-On the CPU the kernels run in Triton's interpreter in fp32, so shapes are small; fp16/bf16 at the model's shapes run in
-the `gpu` tests. Every buffer the kernels write starts as NaN (`poisoned_empty`), so a row the kernel forgets to
-write shows up. Seeds come from the `seed` fixture (fresh each run, printed on failure).
+On the CPU the kernels run in Triton's interpreter, mostly in fp32 and at small shapes; the low-precision tests run fp16
+there too, bf16 on a GPU only (see LOW_PRECISION). Every buffer the kernels write starts as NaN (`poisoned_empty`), so a
+row the kernel forgets to write shows up. Seeds come from the `seed` fixture (fresh each run, printed on failure).
 """
 import contextlib
 import sys
@@ -90,12 +90,12 @@ def dropout_keep_mask(device, batch, lq, lk, heads, dropout_p, seed, co=False):
     return (out[..., :lk] != 0).permute(0, 2, 1, 3)  # (B, H, Lq, Lk)
 
 
-def assert_rel_close(actual, expected, rtol, name):
+def assert_rel_close(actual, expected, rtol, name, floor=1e-2):
     """Max abs error relative to the largest reference magnitude (one number per tensor, reported on failure).
     The floor of the scale covers values that are zero only in exact arithmetic (dq, dk with a single key)."""
     assert not torch.isnan(actual).any(), f"{name}: NaN in the kernel output"
     err = (actual.double() - expected.double()).abs().max().item()
-    scale = max(expected.double().abs().max().item(), 1e-2)
+    scale = max(expected.double().abs().max().item(), floor)
     assert err <= rtol * scale, f"{name}: max abs error {err:.3e} > {rtol} * {scale:.3e}"
 
 
@@ -139,8 +139,11 @@ def _check_against_reference(device, shape):
     out, grads = run_with_grads(lambda q, k, v: attention(q, k, v, q_lens, kv_lens), (q, k, v), grad_out)
     ref_out, ref_grads = run_with_grads_reference(q, k, v, q_lens, kv_lens, grad_out)
     assert_rel_close(out, ref_out, 1e-4, "out")
+    # A gradient that is zero in exact arithmetic (dq, dk with one key) is fp32 rounding of terms the size of the
+    # others: up to 8e-7 of the largest gradient over 1500 seeds at B=Lq=Lk=1, D=16.
+    floor = 0.1 * max(rg.abs().max().item() for rg in ref_grads)
     for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads):
-        assert_rel_close(g, rg, 1e-4, name)
+        assert_rel_close(g, rg, 1e-4, name, floor)
     if q_lens is not None:  # padded query rows are exactly zero, and so is their gradient
         padded = torch.arange(Lq, device=device)[None, :] >= q_lens[:, None]  # (B, Lq)
         assert (out[padded] == 0).all() and (grads[0][padded] == 0).all()
@@ -456,16 +459,20 @@ def _assert_as_accurate_as_torch(kernel_fn, torch_fn, inputs, grad_outs, num_out
         assert got <= factor * base + 1e-3, (i, kernel, baseline)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+# Triton's interpreter multiplies bf16 operands of tl.dot as raw bits (triton-lang/triton#11584, unsupported in 3.6):
+# bf16 attention is checked on a GPU only; fp16 runs everywhere, with fewer samples and heads on the CPU.
+LOW_PRECISION = [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("T, V", [(36, 37), (80, 101)], ids=["pretraining", "downstream"])  # 1 / 2 backward launches
-def test_gpu_co_attention_vilbert_shapes(dtype, T, V, seed):
-    B, H, D = 8, 8, 128
-    text_lens = torch.randint(1, T + 1, (B,), device="cuda")
-    image_lens = torch.randint(1, V + 1, (B,), device="cuda")
+def test_co_attention_low_precision_at_vilbert_shapes(device, dtype, T, V, seed):
+    B, H, D = (8, 8, 128) if device.type == "cuda" else (3, 2, 128)
+    text_lens = torch.randint(1, T + 1, (B,), device=device)
+    image_lens = torch.randint(1, V + 1, (B,), device=device)
     text_lens[0], image_lens[1] = 0, 0
-    inputs = [torch.randn(B, L, H, D, device="cuda", dtype=dtype) for L in (T, T, T, V, V, V)]
-    grad_outs = tuple(torch.randn(B, L, H, D, device="cuda", dtype=dtype) for L in (T, V))
+    inputs = [torch.randn(B, L, H, D, device=device, dtype=dtype) for L in (T, T, T, V, V, V)]
+    grad_outs = tuple(torch.randn(B, L, H, D, device=device, dtype=dtype) for L in (T, V))
 
     def torch_co_attention(tq, tk, tv, iq, ik, iv):  # PyTorch's maths (kv_lens 0 as in reference_attention)
         return (reference_attention(tq, ik, iv, text_lens, image_lens),
@@ -475,13 +482,12 @@ def test_gpu_co_attention_vilbert_shapes(dtype, T, V, seed):
                                  grad_outs, num_outputs=2)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_text_self_attention(dtype, seed):
-    B, L, H, D = 8, 36, 12, 64
-    lens = torch.randint(1, L + 1, (B,), device="cuda")
-    inputs = [torch.randn(B, L, H, D, device="cuda", dtype=dtype) for _ in range(3)]
-    grad_outs = (torch.randn(B, L, H, D, device="cuda", dtype=dtype),)
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_text_self_attention_low_precision(device, dtype, seed):
+    B, L, H, D = (8, 36, 12, 64) if device.type == "cuda" else (3, 36, 2, 64)
+    lens = torch.randint(1, L + 1, (B,), device=device)
+    inputs = [torch.randn(B, L, H, D, device=device, dtype=dtype) for _ in range(3)]
+    grad_outs = (torch.randn(B, L, H, D, device=device, dtype=dtype),)
     _assert_as_accurate_as_torch(lambda q, k, v: (attention(q, k, v, lens, lens),),
                                  lambda q, k, v: (reference_attention(q, k, v, lens, lens),), inputs, grad_outs,
                                  num_outputs=1)
