@@ -21,7 +21,7 @@ Co-attention runs both directions (text queries over image keys, image queries o
 the grid's last axis is the direction and each program picks its direction's pointers, strides and lengths. The
 backward covers both directions in two launches: one program per key block computes dK and dV (no atomics,
 deterministic), one program per query tile computes dQ. When one key block holds every key (up to 64 keys: ViLBERT's
-pretraining lengths), the dK/dV program sees all of each query row and writes its dQ too, so the backward is one
+pretraining lengths; up to 128 at head dims up to 64), the dK/dV program sees all of each query row and writes its dQ too, so the backward is one
 launch that reads every input once (the least traffic possible) instead of two that each read Q, K, V, O and dO.
 `attention` is the same kernels with one direction.
 
@@ -335,14 +335,20 @@ def attention_launch_config(lq: int, lk: int, head_dim: int) -> dict:
     wgmma (64-row warpgroup MMA) applies; the tile a backward program loops over is at most 32, which keeps its fp32
     score, probability and dropout tiles in registers next to the accumulators (no spills at D=128 with dropout,
     also when the dkdv program computes dQ as well, i.e. lk <= bwd_dkdv's BLOCK_N). Warps grow with the head dim for
-    the same reason. (A 128-key dkdv block, which would make the downstream backward one launch too, spills at D=64
-    and at D=128 with dropout: compile_check, triton 3.6.)
+    the same reason.
+
+    The dkdv key block covers every key up to 64 keys, and up to 128 at head dims up to 64 (with 8 warps, as many
+    warps per SM as two programs of 4): the backward is then one launch. At D=128 a 128-key block spills with dropout
+    (compile_check, triton 3.6), so the downstream co-attention backward stays two launches.
     """
     num_warps = 4 if head_dim <= 64 else 8
     own_m, own_n = _block(lq), _block(lk)
+    dkdv = dict(BLOCK_M=min(own_m, 32), BLOCK_N=own_n, num_warps=num_warps, num_stages=2)
+    if 64 < lk <= 128 and head_dim <= 64:
+        dkdv.update(BLOCK_N=128, num_warps=8)
     return {
         "fwd": dict(BLOCK_M=own_m, BLOCK_N=own_n, num_warps=num_warps, num_stages=2),
-        "bwd_dkdv": dict(BLOCK_M=min(_block(lq), 32), BLOCK_N=own_n, num_warps=num_warps, num_stages=2),
+        "bwd_dkdv": dkdv,
         "bwd_dq": dict(BLOCK_M=own_m, BLOCK_N=min(_block(lk), 32), num_warps=num_warps, num_stages=2),
     }
 
@@ -717,30 +723,29 @@ def _signature(fn, dtype: str, constexprs: dict) -> dict:
 
 
 def sm90_specs() -> List[KernelSpec]:
-    """The kernels at the configurations the launcher uses for ViLBERT (both directions, lengths given): fp16/bf16,
-    D=64 (text heads) and 128 (visual and co-attention heads), with and without dropout, for lengths 33..64
-    (64-row tiles, one launch for the backward: pretraining 36x37), 65..128 (64-row tiles, dK/dV then dQ: downstream
-    up to 101) and 17..32 (32-row tiles, one backward launch)."""
+    """The kernels at the configurations the launcher uses (both directions, lengths given): fp16/bf16, D=64 (text
+    heads) and 128 (visual and co-attention heads), with and without dropout, for lengths 33..64 (pretraining 36x37),
+    65..128 (downstream up to 101), 17..32 and above 128 (the square benchmarks): every kernel the backward's one or two
+    launches use at each."""
     kernels = {"fwd": _attention_fwd_kernel, "bwd_dkdv": _attention_bwd_dkdv_kernel, "bwd_dq": _attention_bwd_dq_kernel}
-    specs = []
+    specs = {}
     for head_dim in (64, 128):
         for dtype in ("fp16", "bf16"):
             for dropout in (False, True):
-                for length, shorts in ((37, ("fwd", "bwd_dkdv")), (101, ("bwd_dkdv", "bwd_dq")),
-                                       (32, ("fwd", "bwd_dkdv"))):
+                for length in (37, 101, 32, 1024):
                     configs = attention_launch_config(length, length, head_dim)
                     fused_dq = length <= configs["bwd_dkdv"]["BLOCK_N"]
-                    for short in shorts:
+                    for short in ("fwd", "bwd_dkdv") if fused_dq else ("fwd", "bwd_dkdv", "bwd_dq"):
                         config = configs[short]
                         constexprs = dict(HAS_LENS_A=True, HAS_LENS_B=True, DROPOUT=dropout, HEAD_DIM=head_dim,
                                           BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], DOT_PRECISION="tf32")
-                        tag = ""
                         if short == "bwd_dkdv":
                             constexprs["FUSED_DQ"] = fused_dq
-                            tag = ",dq" if fused_dq else ""
-                        name = (f"attention_{short}{tag}[D={head_dim},{dtype},dropout={int(dropout)},"
-                                f"BLOCK={config['BLOCK_M']}x{config['BLOCK_N']}]")
+                        name = (f"attention_{short}{',dq' if short == 'bwd_dkdv' and fused_dq else ''}"
+                                f"[D={head_dim},{dtype},dropout={int(dropout)},BLOCK={config['BLOCK_M']}x"
+                                f"{config['BLOCK_N']},warps={config['num_warps']}]")
                         fn = kernels[short]
-                        specs.append(KernelSpec(name, fn, _signature(fn, dtype, constexprs), constexprs,
-                                                num_warps=config["num_warps"], num_stages=config["num_stages"]))
-    return specs
+                        specs.setdefault(name, KernelSpec(name, fn, _signature(fn, dtype, constexprs), constexprs,
+                                                          num_warps=config["num_warps"],
+                                                          num_stages=config["num_stages"]))
+    return list(specs.values())
