@@ -18,11 +18,11 @@ P is recomputed from Q, K and LSE; Z is regenerated from the same Philox seed an
 backward kernels from the O and dO tiles they load anyway (no separate pre-pass launch).
 
 Co-attention runs both directions (text queries over image keys, image queries over text keys) in ONE forward launch:
-the grid's last axis is the direction and each program picks its direction's pointers, strides and lengths. The
-backward covers both directions in two launches: one program per key block computes dK and dV (no atomics,
-deterministic), one program per query tile computes dQ. When one key block holds every key (up to 64 keys: ViLBERT's
-pretraining lengths; up to 128 at head dims up to 64), the dK/dV program sees all of each query row and writes its dQ too, so the backward is one
-launch that reads every input once (the least traffic possible) instead of two that each read Q, K, V, O and dO.
+the grid's last axis is the direction and each program picks its direction's pointers, strides and lengths. The backward
+covers both directions in two launches: one program per key block computes dK and dV (no atomics, deterministic), one
+program per query tile computes dQ. When one key block holds every key (up to 64 keys: ViLBERT's pretraining lengths; up
+to 128 at head dims up to 64), the dK/dV program sees all of each query row and writes its dQ too, so the backward is
+one launch that reads every input once (the least traffic possible) instead of two that each read Q, K, V, O and dO.
 `attention` is the same kernels with one direction.
 
 The public functions validate their inputs, apply torch.autocast, draw the dropout seed from torch's default generator
