@@ -55,7 +55,7 @@ def _result(target: str, shape: str, measured: Optional[float], goal: float, uni
 
 def _speedup(ours: Optional[dict], group: List[dict], baseline: str, target: str, shape: str, goal: float) -> dict:
     other = next((r for r in group if r["provider"] == baseline), None)
-    missing = _why_not(ours, "our") or _why_not(other, baseline)
+    missing = _why_not(ours, OURS) or _why_not(other, baseline)
     measured = None if missing else ours.get(f"speedup_vs_{baseline}")
     return _result(target, shape, measured, goal, "x", missing=missing)
 
@@ -70,7 +70,7 @@ def kernel_targets(doc: Optional[dict]) -> Iterator[dict]:
                 for baseline, goal in (("reference", 3.0), ("sdpa", 1.5), ("flash_attn", 1.2)):
                     yield _speedup(ours, group, baseline, f"fwd+bwd p=0.1 vs {baseline}", shape, goal)
             else:
-                missing = _why_not(ours, "our")
+                missing = _why_not(ours, OURS)
                 measured = None if missing else ours.get("pct_of_copy_bw")
                 missing = missing or (None if measured is not None else "no copy-bandwidth ceiling in this run")
                 yield _result(f"{mode} p=0.1 share of the bandwidth floor", shape, measured, floor_goal, "%",
@@ -89,7 +89,7 @@ def model_targets(doc: Optional[dict]) -> Iterator[dict]:
     shape = "vilbert-base training step"
     for baseline, goal in (("reference", 1.5), ("reference_compiled", 1.2)):
         other = next((r for r in group if r["provider"] == baseline), None)
-        missing = _why_not(ours, "our") or _why_not(other, baseline)
+        missing = _why_not(ours, OURS) or _why_not(other, baseline)
         # samples/s, not step time: a backend that ran out of memory at B=256 records the halved batch it ran
         measured = None if missing else round(ours["samples_per_s"] / other["samples_per_s"], 3)
         yield _result(f"samples/s vs {baseline}", shape, measured, goal, "x", missing=missing)

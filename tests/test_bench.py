@@ -72,7 +72,7 @@ def test_cli_kernels_quick_writes_json_markdown_and_plot(tmp_path):
     # The targets are GPU targets: on CPU results each one says it was not measured, and the table says why.
     assert targets.main([str(tmp_path)]) == 0
     table = (tmp_path / "targets.md").read_text()
-    assert "0 met, 0 short" in table and "device cpu" in table and "no our row in this run" in table
+    assert "0 met, 0 short" in table and "device cpu" in table and "no ours row in this run" in table
 
 
 class WrongAttention(kernels.Reference):
@@ -248,7 +248,7 @@ def test_targets_verdicts():
                                                            "installed")
     assert verdict[pre, "fwd p=0.1 share of the bandwidth floor"] == "met"
     assert verdict[pre, "bwd p=0.1 share of the bandwidth floor"] == "SHORT"
-    assert verdict["co_attention downstream", "fwd+bwd p=0.1 vs reference"] == "not measured: no our row in this run"
+    assert verdict["co_attention downstream", "fwd+bwd p=0.1 vs reference"] == "not measured: no ours row in this run"
     square = "attention square L=2048"
     assert results[square, "fwd p=0 vs sdpa_flash"]["measured"] == pytest.approx(0.769, abs=1e-3)
     assert verdict[square, "fwd p=0 vs sdpa_flash"] == "SHORT"
