@@ -327,8 +327,9 @@ def _block(length: int) -> int:
     return min(max(16, triton.next_power_of_2(length)), 64)
 
 
-def attention_launch_config(lq: int, lk: int, head_dim: int) -> dict:
-    """Block sizes and warps of the three kernels for at most lq queries and lk keys (max over both directions).
+def attention_launch_config(lq: int, lk: int, head_dim: int, elem_bytes: int = 2) -> dict:
+    """Block sizes and warps of the three kernels for at most lq queries and lk keys (max over both directions), for
+    inputs of elem_bytes bytes per element.
 
     Tiles are short (16/32/64) because the sequences are: one query tile and one or two key blocks per (batch, head)
     at ViLBERT's lengths. The tile each program owns (queries in fwd/dq, keys in dkdv) is up to 64 rows, so Hopper's
@@ -340,10 +341,14 @@ def attention_launch_config(lq: int, lk: int, head_dim: int) -> dict:
     The dkdv key block covers every key up to 64 keys, and up to 128 at head dims up to 64 (with 8 warps, as many
     warps per SM as two programs of 4): the backward is then one launch. At D=128 a 128-key block spills with dropout
     (compile_check, triton 3.6), so the downstream co-attention backward stays two launches.
+
+    Rows of 1 KB (fp32 at head dim 256) loop over 16 queries in dkdv: with 32 its tiles need more than the 227 KB of
+    shared memory a Hopper program may have (238 KB; test_compile_check checks the largest rows fit).
     """
     num_warps = 4 if head_dim <= 64 else 8
     own_m, own_n = _block(lq), _block(lk)
-    dkdv = dict(BLOCK_M=min(own_m, 32), BLOCK_N=own_n, num_warps=num_warps, num_stages=2)
+    dkdv = dict(BLOCK_M=min(own_m, 32 if head_dim * elem_bytes <= 512 else 16), BLOCK_N=own_n, num_warps=num_warps,
+                num_stages=2)
     if 64 < lk <= 128 and head_dim <= 64:
         dkdv.update(BLOCK_N=128, num_warps=8)
     return {
@@ -387,7 +392,7 @@ def _common_args(directions, lens_a, lens_b, dropout_p, softmax_scale, seed):
     meta = dict(HAS_LENS_A=lens_a is not None, HAS_LENS_B=lens_b is not None, DROPOUT=dropout_p > 0.0,
                 HEAD_DIM=head_dim, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     configs = attention_launch_config(max(d[0].shape[1] for d in directions),
-                                      max(d[1].shape[1] for d in directions), head_dim)
+                                      max(d[1].shape[1] for d in directions), head_dim, q.element_size())
     return args, meta, configs
 
 
@@ -722,23 +727,25 @@ def _signature(fn, dtype: str, constexprs: dict) -> dict:
     return signature
 
 
-def sm90_specs() -> List[KernelSpec]:
-    """The kernels at the configurations the launcher uses (both directions, lengths given): fp16/bf16, D=64 (text
-    heads) and 128 (visual and co-attention heads), with and without dropout, for lengths 33..64 (pretraining 36x37),
-    65..128 (downstream up to 101), 17..32 and above 128 (the square benchmarks): every kernel the backward's one or two
-    launches use at each."""
+def sm90_specs(head_dims=(64, 128), dtypes=("fp16", "bf16"), dropouts=(False, True)) -> List[KernelSpec]:
+    """The kernels at the configurations the launcher uses (both directions, lengths given): by default fp16/bf16,
+    D=64 (text heads) and 128 (visual and co-attention heads), with and without dropout, for lengths 33..64
+    (pretraining 36x37), 65..128 (downstream up to 101), 17..32 and above 128 (the square benchmarks): every kernel the
+    backward's one or two launches use at each."""
     kernels = {"fwd": _attention_fwd_kernel, "bwd_dkdv": _attention_bwd_dkdv_kernel, "bwd_dq": _attention_bwd_dq_kernel}
+    elem_bytes = {"fp16": 2, "bf16": 2, "fp32": 4}
     specs = {}
-    for head_dim in (64, 128):
-        for dtype in ("fp16", "bf16"):
-            for dropout in (False, True):
+    for head_dim in head_dims:
+        for dtype in dtypes:
+            for dropout in dropouts:
                 for length in (37, 101, 32, 1024):
-                    configs = attention_launch_config(length, length, head_dim)
+                    configs = attention_launch_config(length, length, head_dim, elem_bytes[dtype])
                     fused_dq = length <= configs["bwd_dkdv"]["BLOCK_N"]
                     for short in ("fwd", "bwd_dkdv") if fused_dq else ("fwd", "bwd_dkdv", "bwd_dq"):
                         config = configs[short]
                         constexprs = dict(HAS_LENS_A=True, HAS_LENS_B=True, DROPOUT=dropout, HEAD_DIM=head_dim,
-                                          BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], DOT_PRECISION="tf32")
+                                          BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+                                          DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
                         if short == "bwd_dkdv":
                             constexprs["FUSED_DQ"] = fused_dq
                         name = (f"attention_{short}{',dq' if short == 'bwd_dkdv' and fused_dq else ''}"

@@ -122,6 +122,7 @@ SHAPES = [
     (1, 64, 101, 1, 64, [50], [101]),  # exact query tile; two key blocks, the second partial
     (2, 130, 5, 1, 32, [130, 64], [5, 3]),  # three query tiles, one fully padded in sample 1
     (1, 101, 130, 1, 16, [200], [129]),  # q_lens above Lq is clamped; last key block holds one real key
+    (1, 20, 40, 1, 256, [19], [33]),  # the largest head dim (in fp32 its dK/dV loop takes 16 queries: shared memory)
 ]
 SLOW_SHAPES = [
     (2, 130, 130, 2, 128, [130, 7], [1, 130]),
