@@ -19,7 +19,6 @@ if str(ROOT) not in sys.path:
 
 from bench import common, kernels, ops, targets  # noqa: E402
 from bench import model as bench_model  # noqa: E402
-OURS_NAME = common.OURS
 GPU_ONLY = {"flex", "flash_attn", "xformers", "ours", "apex"}
 # The suites run real shapes for minutes on a GPU; these tests check the CPU quick mode (the GPU run is gpu_suite.sh).
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="tests the CPU quick mode; on a GPU run "
@@ -220,6 +219,8 @@ def test_gpu_suite_parses_and_dry_runs(tmp_path):
 
 
 def test_targets_verdicts():
+    assert targets.OURS == common.OURS  # targets.py keeps its own copy so that it needs no torch
+
     def row(provider, mode, ms, op="co_attention", family="pretraining", dropout_p=0.1, **fields):
         shape = {"family": family, "B": 256, "T": 36, "V": 37} if op == "co_attention" else \
             {"family": family, "B": 8, "Lq": 2048, "Lk": 2048}
@@ -229,15 +230,15 @@ def test_targets_verdicts():
     rows = [row("reference", "fwd+bwd", 4.0), row("sdpa", "fwd+bwd", 1.2),
             common.skipped_row("flash_attn is not installed", op="co_attention", mode="fwd+bwd", dtype="bf16",
                                shape={"family": "pretraining"}, dropout_p=0.1, provider="flash_attn"),
-            row(OURS_NAME, "fwd+bwd", 1.0), row(OURS_NAME, "fwd", 0.1, pct_of_copy_bw=80.0),
-            row(OURS_NAME, "bwd", 0.2, pct_of_copy_bw=60.0),
+            row(common.OURS, "fwd+bwd", 1.0), row(common.OURS, "fwd", 0.1, pct_of_copy_bw=80.0),
+            row(common.OURS, "bwd", 0.2, pct_of_copy_bw=60.0),
             row("sdpa_flash", "fwd", 1.0, op="attention", family="square", dropout_p=0.0),
-            row(OURS_NAME, "fwd", 1.3, op="attention", family="square", dropout_p=0.0)]
+            row(common.OURS, "fwd", 1.3, op="attention", family="square", dropout_p=0.0)]
     common.add_speedups(rows)
     model = [common.make_row(op="train_step:vilbert-base", mode="step", shape={"preset": "vilbert-base", "B": b},
                              dtype="bf16", dropout_p=0.1, provider=p, ms_p50=ms, correct=True, samples_per_s=sps,
                              peak_mem_mb=mem)
-             for p, b, ms, sps, mem in (("reference", 128, 100.0, 1280.0, 70000.0), (OURS_NAME, 256, 100.0, 2560.0,
+             for p, b, ms, sps, mem in (("reference", 128, 100.0, 1280.0, 70000.0), (common.OURS, 256, 100.0, 2560.0,
                                         50000.0), ("reference_compiled", 256, 90.0, 2800.0, 40000.0))]
     results = {(r["shape"], r["target"]): r for r in targets.evaluate({"rows": rows}, {"rows": model})}
     verdict = {key: r["verdict"] for key, r in results.items()}
