@@ -21,8 +21,9 @@ Co-attention runs both directions (text queries over image keys, image queries o
 the grid's last axis is the direction and each program picks its direction's pointers, strides and lengths. The backward
 covers both directions in two launches: one program per key block computes dK and dV (no atomics, deterministic), one
 program per query tile computes dQ. When one key block holds every key (up to 64 keys: ViLBERT's pretraining lengths; up
-to 128 at head dims up to 64), the dK/dV program sees all of each query row and writes its dQ too, so the backward is
-one launch that reads every input once (the least traffic possible) instead of two that each read Q, K, V, O and dO.
+to 128 at head dims up to 64 in fp16/bf16), the dK/dV program sees all of each query row and writes its dQ too, so the
+backward is one launch that reads every input once (the least traffic possible) instead of two that each read Q, K, V,
+O and dO.
 `attention` is the same kernels with one direction.
 
 The public functions validate their inputs, apply torch.autocast, draw the dropout seed from torch's default generator
@@ -342,19 +343,34 @@ def attention_launch_config(lq: int, lk: int, head_dim: int, elem_bytes: int = 2
     warps per SM as two programs of 4): the backward is then one launch. At D=128 a 128-key block spills with dropout
     (compile_check, triton 3.6), so the downstream co-attention backward stays two launches.
 
-    Rows of 1 KB (fp32 at head dim 256) loop over 16 queries in dkdv: with 32 its tiles need more than the 227 KB of
-    shared memory a Hopper program may have (238 KB; test_compile_check checks the largest rows fit).
+    fp32 (elem_bytes 4) has tiles of its own: see _fp32_launch_config.
     """
-    num_warps = 4 if head_dim <= 64 else 8
     own_m, own_n = _block(lq), _block(lk)
-    dkdv = dict(BLOCK_M=min(own_m, 32 if head_dim * elem_bytes <= 512 else 16), BLOCK_N=own_n, num_warps=num_warps,
-                num_stages=2)
+    if elem_bytes == 4:
+        return _fp32_launch_config(own_m, own_n, head_dim)
+    num_warps = 4 if head_dim <= 64 else 8
+    dkdv = dict(BLOCK_M=min(own_m, 32), BLOCK_N=own_n, num_warps=num_warps, num_stages=2)
     if 64 < lk <= 128 and head_dim <= 64:
         dkdv.update(BLOCK_N=128, num_warps=8)
     return {
         "fwd": dict(BLOCK_M=own_m, BLOCK_N=own_n, num_warps=num_warps, num_stages=2),
         "bwd_dkdv": dkdv,
         "bwd_dq": dict(BLOCK_M=own_m, BLOCK_N=min(_block(lk), 32), num_warps=num_warps, num_stages=2),
+    }
+
+
+def _fp32_launch_config(own_m: int, own_n: int, head_dim: int) -> dict:
+    """fp32 inputs: the kernels' tl.dot runs in exact fp32 ("ieee"), on CUDA cores with its operands in registers, not
+    on the tensor cores. Half precision's tiles spill there (up to 6 KB of stack per thread at 64x64, compile_check),
+    so the loop tiles are smaller and every kernel has 8 warps: 32 keys per forward step at head dim 64 and 16 at 128,
+    16 keys per dQ step, and dK/dV steps of 32 queries, or 16 when a key block's rows hold more than 4096 elements. All
+    spill-free on sm_90 at head dims 64 and 128, with and without dropout, at every tile the lengths can ask for
+    (triton 3.6; test_compile_check). A 128-key dK/dV block would spill: the one-launch backward stops at 64 keys here.
+    Shared memory stays inside Hopper's 227 KB per program up to head dim 256 (test_compile_check)."""
+    return {
+        "fwd": dict(BLOCK_M=own_m, BLOCK_N=min(own_n, 32 if head_dim <= 64 else 16), num_warps=8, num_stages=2),
+        "bwd_dkdv": dict(BLOCK_M=32 if head_dim * own_n <= 4096 else 16, BLOCK_N=own_n, num_warps=8, num_stages=2),
+        "bwd_dq": dict(BLOCK_M=own_m, BLOCK_N=16, num_warps=8, num_stages=2),
     }
 
 
@@ -727,20 +743,21 @@ def _signature(fn, dtype: str, constexprs: dict) -> dict:
     return signature
 
 
-def sm90_specs(head_dims=(64, 128), dtypes=("fp16", "bf16"), dropouts=(False, True)) -> List[KernelSpec]:
-    """The kernels at the configurations the launcher uses (both directions, lengths given): by default fp16/bf16,
-    D=64 (text heads) and 128 (visual and co-attention heads), with and without dropout, for lengths 33..64
-    (pretraining 36x37), 65..128 (downstream up to 101), 17..32 and above 128 (the square benchmarks): every kernel the
-    backward's one or two launches use at each."""
+def sm90_specs(head_dims=(64, 128), dtypes=("fp16", "bf16", "fp32"), dropouts=(False, True),
+               lengths=((37, 37), (101, 101), (32, 32), (1024, 1024))) -> List[KernelSpec]:
+    """The kernels at the configurations the launcher uses (both directions, (queries, keys) lengths given): by default
+    every dtype, D=64 (text heads) and 128 (visual and co-attention heads), with and without dropout, for lengths
+    33..64 (pretraining 36x37), 65..128 (downstream up to 101), 17..32 and above 128 (the square benchmarks): every
+    kernel the backward's one or two launches use at each."""
     kernels = {"fwd": _attention_fwd_kernel, "bwd_dkdv": _attention_bwd_dkdv_kernel, "bwd_dq": _attention_bwd_dq_kernel}
     elem_bytes = {"fp16": 2, "bf16": 2, "fp32": 4}
     specs = {}
     for head_dim in head_dims:
         for dtype in dtypes:
             for dropout in dropouts:
-                for length in (37, 101, 32, 1024):
-                    configs = attention_launch_config(length, length, head_dim, elem_bytes[dtype])
-                    fused_dq = length <= configs["bwd_dkdv"]["BLOCK_N"]
+                for lq, lk in lengths:
+                    configs = attention_launch_config(lq, lk, head_dim, elem_bytes[dtype])
+                    fused_dq = lk <= configs["bwd_dkdv"]["BLOCK_N"]
                     for short in ("fwd", "bwd_dkdv") if fused_dq else ("fwd", "bwd_dkdv", "bwd_dq"):
                         config = configs[short]
                         constexprs = dict(HAS_LENS_A=True, HAS_LENS_B=True, DROPOUT=dropout, HEAD_DIM=head_dim,

@@ -2,6 +2,7 @@
 
 The interpreter (where the numerical tests run on the CPU) accepts code the real compiler rejects; this closes the gap.
 """
+import itertools
 import json
 import os
 import re
@@ -34,24 +35,41 @@ def test_all_kernels_compile_for_sm90_without_spills(tmp_path):
     assert all(row["ok"] for row in rows), [row for row in rows if not row["ok"]]
 
 
-SHARED_MEMORY_SCRIPT = """
-import json, sys
+ATTENTION_CHECK_SCRIPT = """
+import itertools, json, sys
 from vilbert_kernels import compile_check
 attention = sys.modules["vilbert_kernels.attention"]
-specs = attention.sm90_specs(head_dims=(256,), dtypes=("fp32", "bf16"))
-print(json.dumps({spec.name: int(compile_check.compile_spec(spec).metadata.shared) for spec in specs}))
+print(json.dumps(compile_check.check(attention.sm90_specs(**eval(sys.argv[1])))))
 """
+# Every (queries, keys) tile pair the launch configurations can ask for: 16, 32, 64, and over 64 (two-launch backward).
+EVERY_TILE = list(itertools.product((16, 32, 64, 101), repeat=2))
+
+
+def _check_attention(**sm90_specs_args):
+    """compile_check's rows for attention.sm90_specs(**sm90_specs_args), compiled in a process without the
+    interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", ATTENTION_CHECK_SCRIPT, repr(sm90_specs_args)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert all(row.get("shared_bytes") is not None for row in rows), [row for row in rows if "shared_bytes" not in row]
+    return rows
+
+
+def test_fp32_attention_compiles_without_spills_at_every_tile():
+    """fp32 has tiles of its own (its tl.dot runs on CUDA cores, operands in registers): at head dims 64 and 128, with
+    and without dropout, every kernel at every tile pair compiles with no spill."""
+    rows = _check_attention(dtypes=("fp32",), lengths=EVERY_TILE)
+    assert len(rows) >= 40 and all("fp32" in row["kernel"] for row in rows)
+    assert all(row["ok"] for row in rows), [row for row in rows if not row["ok"]]
 
 
 def test_largest_attention_rows_fit_in_shared_memory():
-    """Head dim 256 (the largest accepted) in fp32 and bf16, at every length's launch configurations: each kernel's
+    """Head dim 256 (the largest accepted) in fp32 and bf16, at every tile pair's launch configurations: each kernel's
     tiles fit in the 227 KB of shared memory a Hopper program may have, or its launch fails on the GPU (the interpreter
     has no such limit). Spills are allowed here: these are not ViLBERT's shapes."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", SHARED_MEMORY_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    shared = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert any("fp32" in name and "bwd_dkdv" in name for name in shared)
-    too_big = {name: size for name, size in shared.items() if size > 227 * 1024}
+    rows = _check_attention(head_dims=(256,), dtypes=("fp32", "bf16"), lengths=EVERY_TILE)
+    assert any("fp32" in row["kernel"] and "bwd_dkdv" in row["kernel"] for row in rows)
+    too_big = {row["kernel"]: row["shared_bytes"] for row in rows if row["shared_bytes"] > 227 * 1024}
     assert not too_big, too_big
