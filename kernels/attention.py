@@ -20,10 +20,10 @@ backward kernels from the O and dO tiles they load anyway (no separate pre-pass 
 Co-attention runs both directions (text queries over image keys, image queries over text keys) in ONE forward launch:
 the grid's last axis is the direction and each program picks its direction's pointers, strides and lengths. The backward
 covers both directions in two launches: one program per key block computes dK and dV (no atomics, deterministic), one
-program per query tile computes dQ. When one key block holds every key (up to 64 keys: ViLBERT's pretraining lengths; up
-to 128 at head dims up to 64 in fp16/bf16), the dK/dV program sees all of each query row and writes its dQ too, so the
-backward is one launch that reads every input once (the least traffic possible) instead of two that each read Q, K, V,
-O and dO.
+program per query tile computes dQ. When one key block holds every key (up to 64 keys, and in fp16/bf16 up to 128 at
+head dims up to 128: ViLBERT's pretraining and downstream lengths), the dK/dV program sees all of each query row and
+writes its dQ too, so the backward is one launch that reads every input once (the least traffic possible) instead of
+two that each read Q, K, V, O and dO.
 `attention` is the same kernels with one direction.
 
 The public functions validate their inputs, apply torch.autocast, draw the dropout seed from torch's default generator
@@ -339,9 +339,9 @@ def attention_launch_config(lq: int, lk: int, head_dim: int, elem_bytes: int = 2
     also when the dkdv program computes dQ as well, i.e. lk <= bwd_dkdv's BLOCK_N). Warps grow with the head dim for
     the same reason.
 
-    The dkdv key block covers every key up to 64 keys, and up to 128 at head dims up to 64 (with 8 warps, as many
-    warps per SM as two programs of 4): the backward is then one launch. At D=128 a 128-key block spills with dropout
-    (compile_check, triton 3.6), so the downstream co-attention backward stays two launches.
+    The dkdv key block covers every key up to 128 keys (with 8 warps, as many warps per SM as two programs of 4): the
+    backward is then one launch, also for the downstream co-attention (80 x 101). At D=128 that block steps over 16
+    queries at a time with three load stages: 32 queries, or two stages, spill with dropout (compile_check, triton 3.6).
 
     fp32 (elem_bytes 4) has tiles of its own: see _fp32_launch_config.
     """
@@ -350,8 +350,10 @@ def attention_launch_config(lq: int, lk: int, head_dim: int, elem_bytes: int = 2
         return _fp32_launch_config(own_m, own_n, head_dim)
     num_warps = 4 if head_dim <= 64 else 8
     dkdv = dict(BLOCK_M=min(own_m, 32), BLOCK_N=own_n, num_warps=num_warps, num_stages=2)
-    if 64 < lk <= 128 and head_dim <= 64:
+    if 64 < lk <= 128 and head_dim <= 128:
         dkdv.update(BLOCK_N=128, num_warps=8)
+        if head_dim > 64:
+            dkdv.update(BLOCK_M=16, num_stages=3)
     return {
         "fwd": dict(BLOCK_M=own_m, BLOCK_N=own_n, num_warps=num_warps, num_stages=2),
         "bwd_dkdv": dkdv,

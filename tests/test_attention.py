@@ -71,8 +71,9 @@ def dropout_keep_mask(device, batch, lq, lk, heads, dropout_p, seed, co=False):
     """The kernel's keep mask (B, H, Lq, Lk) for the call made right after torch.manual_seed(seed): run that call with
     q = k = 0 (uniform probabilities, all > 0) and v = one-hot key index, so out[b, i, h, j] != 0 iff (i, j) is kept.
     The mask depends on the seed, the shapes and the direction, not on the values or the head dim."""
-    width = 32  # one-hot width: any head dim >= lk works
-    assert lk <= width and (not co or lq <= width)
+    longest = max(lk, lq) if co else lk
+    width = max(32, 1 << (longest - 1).bit_length())  # one-hot width: any head dim >= the keys works
+    assert width <= 256, "head dims stop at 256"
 
     def one_hot(length):  # (B, L, H, width)
         eye = torch.eye(width, device=device)
@@ -99,6 +100,20 @@ def assert_rel_close(actual, expected, rtol, name, floor=1e-2):
     assert err <= rtol * scale, f"{name}: max abs error {err:.3e} > {rtol} * {scale:.3e}"
 
 
+@pytest.fixture(params=["own", "half"], ids=["fp32-tiles", "half-tiles"])
+def tiles(request, device, monkeypatch):
+    """The fp32 tests run with fp32's own tiles, then (in the interpreter) with half precision's: the tiles of the
+    fp16/bf16 training path, whose numbers the interpreter can check in fp32 against float64 (its bf16 dots are
+    unusable, see LOW_PRECISION). On a GPU the fp16/bf16 tests run those tiles instead (fp32 would spill in them)."""
+    if request.param == "half":
+        if device.type == "cuda":
+            pytest.skip("on a GPU the fp16/bf16 tests run half precision's tiles")
+        config = attention_impl.attention_launch_config
+        monkeypatch.setattr(attention_impl, "attention_launch_config",
+                            lambda lq, lk, head_dim, elem_bytes=2: config(lq, lk, head_dim, min(elem_bytes, 2)))
+    return request.param
+
+
 def run_with_grads(fn, inputs, grad_out):
     """fn(*inputs) and the gradients of <fn(...), grad_out> for every input, with NaN-poisoned kernel buffers."""
     inputs = [t.detach().clone().requires_grad_() for t in inputs]
@@ -123,6 +138,7 @@ SHAPES = [
     (2, 130, 5, 1, 32, [130, 64], [5, 3]),  # three query tiles, one fully padded in sample 1
     (1, 101, 130, 1, 16, [200], [129]),  # q_lens above Lq is clamped; last key block holds one real key
     (1, 20, 40, 1, 256, [19], [33]),  # the largest head dim (in fp32 its dK/dV loop takes 16 queries: shared memory)
+    (2, 80, 101, 1, 128, [80, 17], [101, 66]),  # downstream: one 128-key block in half precision's tiles
 ]
 SLOW_SHAPES = [
     (2, 130, 130, 2, 128, [130, 7], [1, 130]),
@@ -160,17 +176,17 @@ def run_with_grads_reference(q, k, v, q_lens, kv_lens, grad_out):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-Lq{}-Lk{}-H{}-D{}-q{}-kv{}".format(*s))
-def test_attention_matches_reference(device, seed, shape):
+def test_attention_matches_reference(device, tiles, seed, shape):
     _check_against_reference(device, shape)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("shape", SLOW_SHAPES, ids=lambda s: "B{}-Lq{}-Lk{}-H{}-D{}-q{}-kv{}".format(*s))
-def test_attention_matches_reference_larger(device, seed, shape):
+def test_attention_matches_reference_larger(device, tiles, seed, shape):
     _check_against_reference(device, shape)
 
 
-def test_softmax_scale_and_lengths_above_seqlen(device, seed):
+def test_softmax_scale_and_lengths_above_seqlen(device, tiles, seed):
     B, Lq, Lk, H, D = 2, 5, 7, 2, 16
     q, k, v = (torch.randn(B, L, H, D, device=device) for L in (Lq, Lk, Lk))
     out = attention(q, k, v, softmax_scale=0.3)
@@ -204,7 +220,7 @@ def test_fused_qkv_slices_are_read_in_place(device, seed):
     (36, 37, 64, [36, 3, 0], [37, 0, 10]),
     (5, 20, 32, None, [20, 1, 7]),
 ])
-def test_co_attention_equals_two_attention_calls(device, seed, T, V, D, text_lens, image_lens):
+def test_co_attention_equals_two_attention_calls(device, tiles, seed, T, V, D, text_lens, image_lens):
     B, H = 3, 1
     text = [torch.randn(B, T, H, D, device=device) for _ in range(3)]
     image = [torch.randn(B, V, H, D, device=device) for _ in range(3)]
@@ -227,7 +243,7 @@ def test_co_attention_equals_two_attention_calls(device, seed, T, V, D, text_len
     assert_rel_close(image_out, reference_attention(iq, tk, tv, image_lens, text_lens), 1e-4, "image_out")
 
 
-def test_strided_lengths_read_as_their_values(device, seed):
+def test_strided_lengths_read_as_their_values(device, tiles, seed):
     """Lengths given as an expanded (stride 0) or strided view: the kernels must read lens[b], not memory b."""
     B, T, V, H, D = 4, 7, 11, 1, 16
     text = [torch.randn(B, T, H, D, device=device) for _ in range(3)]
@@ -246,7 +262,7 @@ def test_strided_lengths_read_as_their_values(device, seed):
 # Dropout
 # ----------------------------------------------------------------------------------------------------------------------
 
-def test_dropout_is_reproducible_and_fresh_per_call(device, seed):
+def test_dropout_is_reproducible_and_fresh_per_call(device, tiles, seed):
     q, k, v = (torch.randn(2, 9, 2, 16, device=device) for _ in range(3))
     torch.manual_seed(seed)
     first = attention(q, k, v, dropout_p=0.3)
@@ -257,7 +273,7 @@ def test_dropout_is_reproducible_and_fresh_per_call(device, seed):
     assert not torch.equal(first, second), "two calls in a row must draw different masks"
 
 
-def test_dropout_keep_rate_and_scaling(device, seed):
+def test_dropout_keep_rate_and_scaling(device, tiles, seed):
     B, Lq, Lk, H, p = 2, 64, 32, 4, 0.3
     keep = dropout_keep_mask(device, B, Lq, Lk, H, p, seed)
     n = keep.numel()
@@ -280,7 +296,7 @@ def test_dropout_keep_rate_and_scaling(device, seed):
     assert_rel_close(out, expected, 1e-5, "dropped out")
 
 
-def test_dropout_is_unbiased(device, seed):
+def test_dropout_is_unbiased(device, tiles, seed):
     Lk, D, p, draws = 64, 16, 0.5, 2048
     q, k, v = (torch.randn(1, L, 1, D, device=device) for L in (1, Lk, Lk))
     # One query repeated along the rows: every row draws its own mask, so the rows are `draws` samples.
@@ -295,7 +311,7 @@ def test_dropout_is_unbiased(device, seed):
     assert z < 5.0, f"dropout output is biased: mean projection ratio {ratios.mean():.4f}, {z:.1f} standard errors"
 
 
-def test_dropout_backward_matches_reference_with_the_same_mask(device, seed):
+def test_dropout_backward_matches_reference_with_the_same_mask(device, tiles, seed):
     B, Lq, Lk, H, D, p = 2, 13, 20, 2, 64, 0.25
     q_lens, kv_lens = lens_tensor([13, 6], device), lens_tensor([20, 9], device)
     keep = dropout_keep_mask(device, B, Lq, Lk, H, p, seed)
@@ -314,7 +330,7 @@ def test_dropout_backward_matches_reference_with_the_same_mask(device, seed):
         assert_rel_close(g, rg, 1e-4, name)
 
 
-def test_dropout_gradient_finite_differences(device, seed):
+def test_dropout_gradient_finite_differences(device, tiles, seed):
     """Directional derivative of <out, w> with the seed fixed: central difference vs the kernels' gradients."""
     B, Lq, Lk, H, D, p, eps = 1, 6, 9, 2, 16, 0.2, 1e-2
     q, k, v, w = (torch.randn(B, L, H, D, device=device) for L in (Lq, Lk, Lk, Lq))
@@ -492,6 +508,29 @@ def test_text_self_attention_low_precision(device, dtype, seed):
     _assert_as_accurate_as_torch(lambda q, k, v: (attention(q, k, v, lens, lens),),
                                  lambda q, k, v: (reference_attention(q, k, v, lens, lens),), inputs, grad_outs,
                                  num_outputs=1)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("T, V", [(36, 37), (80, 101)], ids=["pretraining", "downstream"])
+def test_co_attention_dropout_low_precision_at_vilbert_shapes(device, dtype, T, V, seed):
+    """The training path: half precision with dropout 0.1, against float64 with the kernel's own keep mask."""
+    B, H, D, p = (8, 8, 128, 0.1) if device.type == "cuda" else (2, 2, 128, 0.1)
+    text_keep, image_keep = dropout_keep_mask(device, B, T, V, H, p, seed, co=True)
+    text_lens = torch.randint(1, T + 1, (B,), device=device)
+    image_lens = torch.randint(1, V + 1, (B,), device=device)
+    text_lens[0] = 0
+    inputs = [torch.randn(B, L, H, D, device=device, dtype=dtype) for L in (T, T, T, V, V, V)]
+    grad_outs = tuple(torch.randn(B, L, H, D, device=device, dtype=dtype) for L in (T, V))
+
+    def dropped(*x):
+        torch.manual_seed(seed)
+        return co_attention(*x, text_lens, image_lens, dropout_p=p)
+
+    def torch_co_attention(tq, tk, tv, iq, ik, iv):
+        return (masked_reference(tq, ik, iv, text_lens, image_lens, text_keep, p),
+                masked_reference(iq, tk, tv, image_lens, text_lens, image_keep, p))
+
+    _assert_as_accurate_as_torch(dropped, torch_co_attention, inputs, grad_outs, num_outputs=2)
 
 
 @pytest.mark.gpu
