@@ -280,9 +280,10 @@ def skip_reason(name: str, compiled: bool, needs_gpu: bool, on_gpu: bool, option
     if budget.spent():
         return budget.reason
     if not on_gpu:
-        if name == OURS and not options.interpret:
+        ours = name == OURS or name.startswith(OURS + "_")  # our kernels, or ours with other tiles
+        if ours and not options.interpret:
             return "Triton kernels need a CUDA GPU (pass --interpret to run them in Triton's interpreter on the CPU)"
-        if needs_gpu and name != OURS:
+        if needs_gpu and not ours:
             return "needs a CUDA GPU"
         if compiled and not options.cpu_compile:
             return "torch.compile provider: GPU only (on the CPU pass --cpu-compile; it takes minutes)"

@@ -124,6 +124,52 @@ def test_packed_layout_provider_is_checked_and_timed(tmp_path):
 
 
 @cpu_only
+def test_tile_candidates_run_beside_ours_at_the_square_shapes(tmp_path):
+    """Ours with each candidate's tiles (in Triton's interpreter here): checked and timed at the square shapes only,
+    and our default rows say how they compare."""
+    names = [f"ours_tiles_{label}" for label in kernels.LONG_TILE_CANDIDATES]
+    run_cli("kernels", "--quick", "--interpret", "--out", str(tmp_path), "--providers", ",".join(["ours", *names]))
+    rows = json.loads((tmp_path / "kernels.json").read_text())["rows"]
+    for name in names:
+        square = [r for r in rows if r["provider"] == name and r["shape"]["family"] == "square"]
+        assert square and all(r["correct"] is True and r["ms_p50"] > 0 for r in square), square
+        assert all("square shapes only" in r["skipped"] for r in rows
+                   if r["provider"] == name and r["shape"]["family"] != "square")
+        assert all(r[f"speedup_vs_{name}"] for r in rows if r["provider"] == "ours" and r["shape"]["family"] == "square")
+
+
+TILE_COMPILE_SCRIPT = """
+import json, sys
+from bench.kernels import LONG_TILE_CANDIDATES
+from vilbert_kernels import compile_check
+from vilbert_kernels.kernel_spec import KernelSpec
+attention = sys.modules["vilbert_kernels.attention"]
+kernels = {"fwd": attention._attention_fwd_kernel, "bwd_dkdv": attention._attention_bwd_dkdv_kernel,
+           "bwd_dq": attention._attention_bwd_dq_kernel}
+specs = []
+for label, configs in LONG_TILE_CANDIDATES.items():
+    for short, config in configs.items():
+        constexprs = dict(HAS_LENS_A=False, HAS_LENS_B=False, DROPOUT=False, HEAD_DIM=64, BLOCK_M=config["BLOCK_M"],
+                          BLOCK_N=config["BLOCK_N"], DOT_PRECISION="tf32", **({"FUSED_DQ": False} if short == "bwd_dkdv" else {}))
+        fn = kernels[short]
+        specs.append(KernelSpec(f"{label}:{short}", fn, attention._signature(fn, "bf16", constexprs), constexprs,
+                                num_warps=config["num_warps"], num_stages=config["num_stages"]))
+print(json.dumps(compile_check.check(specs)))
+"""
+
+
+def test_tile_candidates_compile_for_sm90_without_spills():
+    """The candidates as the square shapes run them (bf16, head dim 64, full lengths, no dropout)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", TILE_COMPILE_SCRIPT], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(rows) == 3 * len(kernels.LONG_TILE_CANDIDATES)
+    assert all(row["ok"] and row["mma"] == "HGMMA" for row in rows), rows
+
+
+@cpu_only
 def test_budget_reports_remaining_cases_skipped(tmp_path):
     results = common.Results("kernels", tmp_path, {"device": "cpu"}, {})
     kernels.run(results, common.Options(quick=True, providers=["reference"]), common.Budget(-1.0), {})
