@@ -339,8 +339,8 @@ def attention_launch_config(lq: int, lk: int, head_dim: int, elem_bytes: int = 2
     also when the dkdv program computes dQ as well, i.e. lk <= bwd_dkdv's BLOCK_N). Warps grow with the head dim for
     the same reason.
 
-    The dkdv key block covers every key up to 128 keys (with 8 warps, as many warps per SM as two programs of 4): the
-    backward is then one launch, also for the downstream co-attention (80 x 101). At D=128 that block steps over 16
+    The dkdv key block covers every key up to 128 keys at head dims up to 128 (with 8 warps, as many warps per SM as
+    two programs of 4): the backward is then one launch, also for the downstream co-attention (80 x 101). At D=128 that block steps over 16
     queries at a time with three load stages: 32 queries, or two stages, spill with dropout (compile_check, triton 3.6).
 
     fp32 (elem_bytes 4) has tiles of its own: see _fp32_launch_config.
