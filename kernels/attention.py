@@ -364,15 +364,17 @@ def attention_launch_config(lq: int, lk: int, head_dim: int, elem_bytes: int = 2
 def _fp32_launch_config(own_m: int, own_n: int, head_dim: int) -> dict:
     """fp32 inputs: the kernels' tl.dot runs in exact fp32 ("ieee"), on CUDA cores with its operands in registers, not
     on the tensor cores. Half precision's tiles spill there (up to 6 KB of stack per thread at 64x64, compile_check),
-    so the loop tiles are smaller and every kernel has 8 warps: 32 keys per forward step at head dim 64 and 16 at 128,
-    16 keys per dQ step, and dK/dV steps of 32 queries, or 16 when a key block's rows hold more than 4096 elements. All
-    spill-free on sm_90 at head dims 64 and 128, with and without dropout, at every tile the lengths can ask for
-    (triton 3.6; test_compile_check). A 128-key dK/dV block would spill: the one-launch backward stops at 64 keys here.
-    Shared memory stays inside Hopper's 227 KB per program up to head dim 256 (test_compile_check)."""
+    so the loop tiles are smaller and every kernel has 8 warps: forward steps of 32 keys at head dim 64 and 16 at 128,
+    dQ programs of up to 64 queries at head dim 64 and 32 at 128 stepping over 16 keys, and dK/dV steps of 16 queries
+    (32 in a 32-key block). ptxas trades a few registers for occupancy differently from one Triton release to the next
+    (8-byte spills come and go); these tiles are spill-free on sm_90 at head dims 64 and 128, with and without dropout,
+    at every tile pair the lengths can ask for, with triton 3.6 (the GPU image's) and 3.9 (test_compile_check). A
+    128-key dK/dV block spills kilobytes: the one-launch backward stops at 64 keys here. Shared memory stays inside
+    Hopper's 227 KB per program up to head dim 256 (test_compile_check)."""
     return {
-        "fwd": dict(BLOCK_M=own_m, BLOCK_N=min(own_n, 32 if head_dim <= 64 else 16), num_warps=8, num_stages=2),
-        "bwd_dkdv": dict(BLOCK_M=32 if head_dim * own_n <= 4096 else 16, BLOCK_N=own_n, num_warps=8, num_stages=2),
-        "bwd_dq": dict(BLOCK_M=own_m, BLOCK_N=16, num_warps=8, num_stages=2),
+        "fwd": dict(BLOCK_M=own_m, BLOCK_N=32 if head_dim <= 64 else 16, num_warps=8, num_stages=2),
+        "bwd_dkdv": dict(BLOCK_M=32 if own_n == 32 else 16, BLOCK_N=own_n, num_warps=8, num_stages=2),
+        "bwd_dq": dict(BLOCK_M=min(own_m, 64 if head_dim <= 64 else 32), BLOCK_N=16, num_warps=8, num_stages=2),
     }
 
 

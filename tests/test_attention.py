@@ -236,8 +236,10 @@ def test_co_attention_equals_two_attention_calls(device, tiles, seed, T, V, D, t
     (text_ref, image_ref), ref_grads = run_with_grads(two_calls, text + image, grad_out)
     torch.testing.assert_close(text_out, text_ref, rtol=0, atol=0)
     torch.testing.assert_close(image_out, image_ref, rtol=0, atol=0)
+    # Tiles follow the longest sequence, which co-attention's one launch shares between its directions: a dK/dV program
+    # may step over the queries in other chunks than a lone call does, so gradients agree up to fp32 rounding.
     for g, rg in zip(grads, ref_grads):
-        torch.testing.assert_close(g, rg, rtol=0, atol=0)
+        torch.testing.assert_close(g, rg, rtol=1e-5, atol=1e-6)
     tq, tk, tv, iq, ik, iv = (t.double() for t in text + image)
     assert_rel_close(text_out, reference_attention(tq, ik, iv, text_lens, image_lens), 1e-4, "text_out")
     assert_rel_close(image_out, reference_attention(iq, tk, tv, image_lens, text_lens), 1e-4, "image_out")

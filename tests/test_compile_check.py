@@ -66,7 +66,7 @@ def test_attention_compiles_without_spills_at_every_tile(dtypes):
     no spill, not only at the square lengths compile_check lists. fp32 runs by default: it has tiles of its own (its
     tl.dot runs on CUDA cores, operands in registers) and spilled most; half precision's 168 kernels take ~4 minutes."""
     rows = _check_attention(dtypes=dtypes, lengths=EVERY_TILE)
-    assert len(rows) >= 40 and all(any(d in row["kernel"] for d in dtypes) for row in rows)
+    assert len(rows) >= 30 and all(any(d in row["kernel"] for d in dtypes) for row in rows)
     assert all(row["ok"] for row in rows), [row for row in rows if not row["ok"]]
 
 
