@@ -460,22 +460,27 @@ def test_public_names_are_exported():
 # ----------------------------------------------------------------------------------------------------------------------
 
 def _max_errors(fn, inputs, grad_outs, reference_fn):
-    """Max abs errors of fn's outputs and input gradients (inputs in their low precision) vs reference_fn in float64."""
+    """Max abs errors of fn's outputs and input gradients (inputs in their low precision) vs reference_fn in float64,
+    and the largest magnitude among those float64 values."""
     low = [t.detach().clone().requires_grad_() for t in inputs]
     high = [t.detach().double().requires_grad_() for t in inputs]
     out_low, out_high = fn(*low), reference_fn(*high)
     g_low = torch.autograd.grad(out_low, low, grad_outs)
     g_high = torch.autograd.grad(out_high, high, tuple(g.double() for g in grad_outs))
-    return [(a.double() - b).abs().max().item() for a, b in zip(out_low + g_low, out_high + g_high)]
+    errors = [(a.double() - b).abs().max().item() for a, b in zip(out_low + g_low, out_high + g_high)]
+    return errors, max(t.abs().max().item() for t in out_high + g_high)
 
 
 def _assert_as_accurate_as_torch(kernel_fn, torch_fn, inputs, grad_outs, num_outputs):
-    """Kernel error <= 2x (outputs) / 3x (gradients) PyTorch's own error in the same dtype, plus a floor."""
-    kernel = _max_errors(kernel_fn, inputs, grad_outs, torch_fn)
-    baseline = _max_errors(torch_fn, inputs, grad_outs, torch_fn)
+    """Kernel error <= 2x (outputs) / 3x (gradients) PyTorch's own error in the same dtype, plus one rounding step of
+    the largest value: a gradient that is zero in exact arithmetic (dQ of rows with one key) comes out exactly zero
+    from PyTorch, and as the rounding of delta = rowsum(dO * O) from the kernel, which reads O in the low precision."""
+    kernel, scale = _max_errors(kernel_fn, inputs, grad_outs, torch_fn)
+    baseline, _ = _max_errors(torch_fn, inputs, grad_outs, torch_fn)
+    floor = torch.finfo(inputs[0].dtype).eps * max(scale, 1.0)
     for i, (got, base) in enumerate(zip(kernel, baseline)):
         factor = 2 if i < num_outputs else 3
-        assert got <= factor * base + 1e-3, (i, kernel, baseline)
+        assert got <= factor * base + floor, (i, kernel, baseline, floor)
 
 
 # Triton's interpreter multiplies bf16 operands of tl.dot as raw bits (triton-lang/triton#11584, unsupported in 3.6):
