@@ -340,8 +340,9 @@ def attention_launch_config(lq: int, lk: int, head_dim: int, elem_bytes: int = 2
     the same reason.
 
     The dkdv key block covers every key up to 128 keys at head dims up to 128 (with 8 warps, as many warps per SM as
-    two programs of 4): the backward is then one launch, also for the downstream co-attention (80 x 101). At D=128 that block steps over 16
-    queries at a time with three load stages: 32 queries, or two stages, spill with dropout (compile_check, triton 3.6).
+    two programs of 4): the backward is then one launch, also for the downstream co-attention (80 x 101). At D=128
+    that block steps over 16 queries at a time with three load stages: 32 queries, or two stages, spill with dropout
+    (compile_check, triton 3.6).
 
     fp32 (elem_bytes 4) has tiles of its own: see _fp32_launch_config.
     """
@@ -363,9 +364,9 @@ def attention_launch_config(lq: int, lk: int, head_dim: int, elem_bytes: int = 2
 
 def _fp32_launch_config(own_m: int, own_n: int, head_dim: int) -> dict:
     """fp32 inputs: the kernels' tl.dot runs in exact fp32 ("ieee"), on CUDA cores with its operands in registers, not
-    on the tensor cores. Half precision's tiles spill there (up to 6 KB of stack per thread at 64x64, compile_check),
-    so the loop tiles are smaller and every kernel has 8 warps: forward steps of 32 keys at head dim 64 and 16 at 128,
-    dQ programs of up to 64 queries at head dim 64 and 32 at 128 stepping over 16 keys, and dK/dV steps of 16 queries
+    on the tensor cores. Half precision's tiles spill there (up to 9 KB of stack per thread, compile_check), so the
+    loop tiles are smaller and every kernel has 8 warps: forward steps of 32 keys at head dim 64 and 16 at 128, dQ
+    programs of up to 64 queries at head dim 64 and 32 at 128 stepping over 16 keys, and dK/dV steps of 16 queries
     (32 in a 32-key block). ptxas trades a few registers for occupancy differently from one Triton release to the next
     (8-byte spills come and go); these tiles are spill-free on sm_90 at head dims 64 and 128, with and without dropout,
     at every tile pair the lengths can ask for, with triton 3.6 (the GPU image's) and 3.9 (test_compile_check). A

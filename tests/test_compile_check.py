@@ -75,7 +75,8 @@ def test_largest_attention_rows_fit_in_shared_memory():
     Hopper program may have, or its launch fails on the GPU (the interpreter has no such limit). The square lengths
     reach each kernel's largest tiles: its blocks grow with the lengths, except fp32's dK/dV query step, which is
     largest at 16 keys. Spills are allowed here: these are not ViLBERT's shapes."""
-    rows = _check_attention(head_dims=(256,), dtypes=("fp32", "bf16"), lengths=[(n, n) for n in (16, 32, 64, 101, 1024)])
+    squares = [(n, n) for n in (16, 32, 64, 101, 1024)]
+    rows = _check_attention(head_dims=(256,), dtypes=("fp32", "bf16"), lengths=squares)
     assert any("fp32" in row["kernel"] and "bwd_dkdv" in row["kernel"] for row in rows)
     too_big = {row["kernel"]: row["shared_bytes"] for row in rows if row["shared_bytes"] > 227 * 1024}
     assert not too_big, too_big
