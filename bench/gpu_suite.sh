@@ -128,15 +128,18 @@ run_step pretrain_gpu 80 "$PYTHON" train/pretrain.py --deepspeed_config train/ds
 rm -rf "$OUT_DIR"/pretrain/global_step* "$OUT_DIR"/pretrain/final  # a 30-step run's weights: not worth bringing back
 
 echo "total seconds=$(($(date +%s) - START))" >>"$SUMMARY"
-# For a reader of the console tail: our rows in one line each, then the summary, last.
+# For a reader of the console tail: our rows (and the tile candidates') in one line each, then the summary, last.
 "$PYTHON" - "$OUT_DIR/bench" <<'PY'
 import glob, json, sys
 for path in sorted(glob.glob(sys.argv[1] + "/*.json")):
     doc = json.load(open(path))
     print(f"--- {doc['suite']} on {doc['device']}: ceilings {doc.get('ceilings')}, complete {doc.get('complete')}")
-    for r in (r for r in doc["rows"] if r["provider"] == "ours"):
+    # ours, and the tile candidates where they ran (they skip ViLBERT's shapes)
+    for r in (r for r in doc["rows"] if r["provider"] == "ours"
+              or r["provider"].startswith("ours_") and (r["ms_p50"] or r["correct"] is False)):
         shape = ",".join(f"{k}={v}" for k, v in r["shape"].items() if k not in ("ragged", "family"))
         head = f"{r['op']} {r['mode']} {r['shape'].get('family', '')} {shape} p={r['dropout_p']}"
+        head += "" if r["provider"] == "ours" else f" [{r['provider']}]"
         if r["ms_p50"] is None:
             print(f"{head}: {'WRONG ' + str(r['check']) if r['correct'] is False else r['skipped']}"[:300])
             continue
