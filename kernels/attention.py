@@ -436,7 +436,7 @@ def _attention_forward(directions, lens_a, lens_b, dropout_p, softmax_scale, see
 
 def _attention_backward(directions, outs, lses, douts, lens_a, lens_b, dropout_p, softmax_scale, seed):
     """Gradients (dq, dk, dv) per direction: one dK/dV launch and one dQ launch cover every direction, or the dK/dV
-    launch alone when one key block holds every key (ViLBERT's pretraining lengths): it then computes dQ too."""
+    launch alone when one key block holds every key (ViLBERT's lengths in fp16/bf16): it then computes dQ too."""
     directions = [tuple(_aligned(t) for t in d) for d in directions]
     douts = [_aligned(do) for do in douts]
     q, _, _ = directions[0]
