@@ -20,10 +20,10 @@ backward kernels from the O and dO tiles they load anyway (no separate pre-pass 
 Co-attention runs both directions (text queries over image keys, image queries over text keys) in ONE forward launch:
 the grid's last axis is the direction and each program picks its direction's pointers, strides and lengths. The backward
 covers both directions in two launches: one program per key block computes dK and dV (no atomics, deterministic), one
-program per query tile computes dQ. When one key block holds every key (up to 64 keys, and in fp16/bf16 up to 128 at
-head dims up to 128: ViLBERT's pretraining and downstream lengths), the dK/dV program sees all of each query row and
-writes its dQ too, so the backward is one launch that reads every input once (the least traffic possible) instead of
-two that each read Q, K, V, O and dO.
+program per query tile computes dQ. When one key block holds every key (in fp16/bf16 up to 128 keys at head dims up to
+128: ViLBERT's pretraining and downstream lengths; fp32's blocks are smaller, see its launch configurations), the dK/dV
+program sees all of each query row and writes its dQ too, so the backward is one launch that reads every input once
+(the least traffic possible) instead of two that each read Q, K, V, O and dO.
 `attention` is the same kernels with one direction.
 
 The public functions validate their inputs, apply torch.autocast, draw the dropout seed from torch's default generator
@@ -31,7 +31,8 @@ and call registered custom ops (`torch.ops.vilbert_kernels.attention_forward` et
 torch.compile(fullgraph=True) sees no graph break.
 
 Layout legend: B batch, Lq / Lk query / key length, H heads, D head dim; T text length, V image length.
-Precision: fp32 accumulation and statistics (m, l, LSE, delta); outputs and gradients in the inputs' dtype.
+Precision: fp32 accumulation and statistics (m, l, LSE, delta); outputs and gradients in the inputs' dtype. fp32
+inputs multiply in exact fp32 or, when PyTorch's fp32 matmul setting allows it, in TF32 (see `dot_precision`).
 """
 import math
 from typing import List, Optional, Sequence, Tuple
@@ -323,14 +324,34 @@ def _attention_bwd_dq_kernel(
 # Launch configuration
 # ----------------------------------------------------------------------------------------------------------------------
 
+# TF32's tiles (see _tf32_launch_config) fit in shared memory up to this head dim; above it fp32 stays exact.
+TF32_MAX_HEAD_DIM = 128
+
+
+def dot_precision(dtype: torch.dtype, head_dim: int) -> str:
+    """How the kernels multiply matrices of this dtype: "half" (fp16/bf16 on the tensor cores), "tf32" (fp32 inputs
+    rounded to TF32 on the tensor cores: 10 mantissa bits, fp32 accumulation) or "ieee" (exact fp32 on the CUDA cores).
+    fp32 follows PyTorch's setting for fp32 matrix products, read at each call as FlexAttention does: exact by default,
+    TF32 after torch.set_float32_matmul_precision("high") (or "medium") or torch.backends.cuda.matmul.fp32_precision =
+    "tf32", at head dims up to TF32_MAX_HEAD_DIM."""
+    if dtype != torch.float32:
+        return "half"
+    if head_dim > TF32_MAX_HEAD_DIM:
+        return "ieee"
+    setting = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")  # torch >= 2.9; "none": never set
+    if setting == "none":
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "ieee" if setting == "ieee" else "tf32"
+
+
 def _block(length: int) -> int:
     """Tile size along a sequence: the smallest of 16/32/64 covering it (ViLBERT's sequences are 36..101 long)."""
     return min(max(16, triton.next_power_of_2(length)), 64)
 
 
-def attention_launch_config(lq: int, lk: int, head_dim: int, elem_bytes: int = 2) -> dict:
+def attention_launch_config(lq: int, lk: int, head_dim: int, precision: str = "half") -> dict:
     """Block sizes and warps of the three kernels for at most lq queries and lk keys (max over both directions), for
-    inputs of elem_bytes bytes per element.
+    matrix products in `precision` ("half", "tf32" or "ieee": see `dot_precision`).
 
     Tiles are short (16/32/64) because the sequences are: one query tile and one or two key blocks per (batch, head)
     at ViLBERT's lengths. The tile each program owns (queries in fwd/dq, keys in dkdv) is up to 64 rows, so Hopper's
@@ -344,10 +365,10 @@ def attention_launch_config(lq: int, lk: int, head_dim: int, elem_bytes: int = 2
     that block steps over 16 queries at a time with three load stages: 32 queries, or two stages, spill with dropout
     (compile_check, triton 3.6).
 
-    fp32 (elem_bytes 4) has tiles of its own: see _fp32_launch_config.
+    TF32 and exact fp32 have tiles of their own: see _tf32_launch_config and _fp32_launch_config.
     """
     own_m, own_n = _block(lq), _block(lk)
-    if elem_bytes == 4:
+    if precision == "ieee":
         return _fp32_launch_config(own_m, own_n, head_dim)
     num_warps = 4 if head_dim <= 64 else 8
     dkdv = dict(BLOCK_M=min(own_m, 32), BLOCK_N=own_n, num_warps=num_warps, num_stages=2)
@@ -355,11 +376,33 @@ def attention_launch_config(lq: int, lk: int, head_dim: int, elem_bytes: int = 2
         dkdv.update(BLOCK_N=128, num_warps=8)
         if head_dim > 64:
             dkdv.update(BLOCK_M=16, num_stages=3)
-    return {
+    configs = {
         "fwd": dict(BLOCK_M=own_m, BLOCK_N=own_n, num_warps=num_warps, num_stages=2),
         "bwd_dkdv": dkdv,
         "bwd_dq": dict(BLOCK_M=own_m, BLOCK_N=min(_block(lk), 32), num_warps=num_warps, num_stages=2),
     }
+    return _tf32_launch_config(configs, head_dim) if precision == "tf32" else configs
+
+
+def _tf32_launch_config(half: dict, head_dim: int) -> dict:
+    """fp32 inputs with TF32 products: wgmma as in half precision, but every tile holds twice the bytes, and half
+    precision's tiles spill (up to 552 bytes of stack per thread; in a 64-key dK/dV block at D=128, K, V and the two
+    accumulators alone take 128 fp32 registers per thread). So dK/dV programs step over 16 queries, forward programs
+    have 8 warps, and at D=128 key steps are at most 32 (16 in dQ) and a dK/dV program owns 32 keys, or 128 with one
+    load stage (224 KB of shared memory: the one-launch backward at 65-128 keys). Picked from a sweep of tiles, warps
+    and stages compiled with triton 3.6 and 3.9: spill-free with both at every tile pair (test_compile_check). Head
+    dims up to TF32_MAX_HEAD_DIM: at 256 these tiles overflow shared memory."""
+    fwd, dkdv, dq = (dict(half[name]) for name in ("fwd", "bwd_dkdv", "bwd_dq"))
+    fwd["num_warps"] = 8
+    dkdv["BLOCK_M"] = 16
+    if head_dim > 64:
+        fwd["BLOCK_N"] = min(fwd["BLOCK_N"], 32)
+        dq["BLOCK_N"] = 16
+        if dkdv["BLOCK_N"] == 128:
+            dkdv["num_stages"] = 1
+        else:
+            dkdv["BLOCK_N"] = min(dkdv["BLOCK_N"], 32)
+    return {"fwd": fwd, "bwd_dkdv": dkdv, "bwd_dq": dq}
 
 
 def _fp32_launch_config(own_m: int, own_n: int, head_dim: int) -> dict:
@@ -402,6 +445,10 @@ def _strides(directions: Sequence[Tuple[torch.Tensor, ...]]) -> List[int]:
     return [s for q, k, v in (d[:3] for d in sets) for t in (q, k, v) for s in t.stride()[:3]]
 
 
+# tl.dot's input_precision for each dot_precision() (fp16/bf16 products ignore it).
+_DOT_INPUT_PRECISION = {"half": "tf32", "tf32": "tf32", "ieee": "ieee"}
+
+
 def _common_args(directions, lens_a, lens_b, dropout_p, softmax_scale, seed):
     """Arguments shared by the three kernels (after their pointers), their constexprs and the launch configs."""
     q, k, _ = directions[0]
@@ -410,10 +457,11 @@ def _common_args(directions, lens_a, lens_b, dropout_p, softmax_scale, seed):
     # The kernels index lengths as lens[b]: an expanded (stride-0) or sliced lengths tensor must be made dense.
     lens_a, lens_b = (None if lens is None else lens.contiguous() for lens in (lens_a, lens_b))
     args = [lens_a, lens_b, *_strides(directions), l_a, l_b, num_heads, softmax_scale, dropout_p, seed]
+    precision = dot_precision(q.dtype, head_dim)
     meta = dict(HAS_LENS_A=lens_a is not None, HAS_LENS_B=lens_b is not None, DROPOUT=dropout_p > 0.0,
-                HEAD_DIM=head_dim, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                HEAD_DIM=head_dim, DOT_PRECISION=_DOT_INPUT_PRECISION[precision])
     configs = attention_launch_config(max(d[0].shape[1] for d in directions),
-                                      max(d[1].shape[1] for d in directions), head_dim, q.element_size())
+                                      max(d[1].shape[1] for d in directions), head_dim, precision)
     return args, meta, configs
 
 
@@ -657,7 +705,8 @@ def attention(q, k, v, q_lens=None, kv_lens=None, dropout_p=0.0, softmax_scale=N
     j < kv_lens[b]; rows i >= q_lens[b] of out are zero. Equal to `vilbert_kernels.reference.attention`.
 
     Arguments:
-        q: (batch_size, seqlen_q, nheads, headdim), float16, bfloat16 or float32. Strided views are read in place
+        q: (batch_size, seqlen_q, nheads, headdim), float16, bfloat16 or float32 (its products exact, or TF32 where
+            torch.set_float32_matmul_precision allows: see `dot_precision`). Strided views are read in place
             when headdim is contiguous and every row starts 16-byte aligned (contiguous tensors, slices of a fused
             (batch_size, seqlen, 3, nheads, headdim) projection); other layouts are copied once.
         k, v: (batch_size, seqlen_k, nheads, headdim), same dtype and device as q. seqlen_k may differ from seqlen_q.
@@ -748,30 +797,36 @@ def _signature(fn, dtype: str, constexprs: dict) -> dict:
     return signature
 
 
-def sm90_specs(head_dims=(64, 128), dtypes=("fp16", "bf16", "fp32"), dropouts=(False, True),
+# sm90_specs' dtypes: the tensors' dtype and the dot precision ("tf32": fp32 tensors with TF32 products).
+_SPEC_DTYPES = {"fp16": ("fp16", "half"), "bf16": ("bf16", "half"), "tf32": ("fp32", "tf32"), "fp32": ("fp32", "ieee")}
+
+
+def sm90_specs(head_dims=(64, 128), dtypes=("fp16", "bf16", "tf32", "fp32"), dropouts=(False, True),
                lengths=((37, 37), (101, 101), (32, 32), (1024, 1024))) -> List[KernelSpec]:
     """The kernels at the configurations the launcher uses (both directions, (queries, keys) lengths given): by default
-    every dtype, D=64 (text heads) and 128 (visual and co-attention heads), with and without dropout, for lengths
-    33..64 (pretraining 36x37), 65..128 (downstream up to 101), 17..32 and above 128 (the square benchmarks): every
-    kernel the backward's one or two launches use at each."""
+    every dtype (fp32 exact and TF32), D=64 (text heads) and 128 (visual and co-attention heads), with and without
+    dropout, for lengths 33..64 (pretraining 36x37), 65..128 (downstream up to 101), 17..32 and above 128 (the square
+    benchmarks): every kernel the backward's one or two launches use at each."""
     kernels = {"fwd": _attention_fwd_kernel, "bwd_dkdv": _attention_bwd_dkdv_kernel, "bwd_dq": _attention_bwd_dq_kernel}
-    elem_bytes = {"fp16": 2, "bf16": 2, "fp32": 4}
     specs = {}
     for head_dim in head_dims:
-        for dtype in dtypes:
+        for spec_dtype in dtypes:
+            dtype, precision = _SPEC_DTYPES[spec_dtype]
+            if precision == "tf32" and head_dim > TF32_MAX_HEAD_DIM:
+                continue  # exact fp32 there: the "fp32" specs
             for dropout in dropouts:
                 for lq, lk in lengths:
-                    configs = attention_launch_config(lq, lk, head_dim, elem_bytes[dtype])
+                    configs = attention_launch_config(lq, lk, head_dim, precision)
                     fused_dq = lk <= configs["bwd_dkdv"]["BLOCK_N"]
                     for short in ("fwd", "bwd_dkdv") if fused_dq else ("fwd", "bwd_dkdv", "bwd_dq"):
                         config = configs[short]
                         constexprs = dict(HAS_LENS_A=True, HAS_LENS_B=True, DROPOUT=dropout, HEAD_DIM=head_dim,
                                           BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
-                                          DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+                                          DOT_PRECISION=_DOT_INPUT_PRECISION[precision])
                         if short == "bwd_dkdv":
                             constexprs["FUSED_DQ"] = fused_dq
                         name = (f"attention_{short}{',dq' if short == 'bwd_dkdv' and fused_dq else ''}"
-                                f"[D={head_dim},{dtype},dropout={int(dropout)},BLOCK={config['BLOCK_M']}x"
+                                f"[D={head_dim},{spec_dtype},dropout={int(dropout)},BLOCK={config['BLOCK_M']}x"
                                 f"{config['BLOCK_N']},warps={config['num_warps']}]")
                         fn = kernels[short]
                         specs.setdefault(name, KernelSpec(name, fn, _signature(fn, dtype, constexprs), constexprs,

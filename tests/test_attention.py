@@ -100,18 +100,33 @@ def assert_rel_close(actual, expected, rtol, name, floor=1e-2):
     assert err <= rtol * scale, f"{name}: max abs error {err:.3e} > {rtol} * {scale:.3e}"
 
 
-@pytest.fixture(params=["own", "half"], ids=["fp32-tiles", "half-tiles"])
+@contextlib.contextmanager
+def fp32_matmul_precision(precision):
+    """torch.set_float32_matmul_precision(precision) inside the block ("high": TF32 products for fp32 inputs)."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+@pytest.fixture(params=["ieee", "tf32", "half"], ids=["fp32-tiles", "tf32-tiles", "half-tiles"])
 def tiles(request, device, monkeypatch):
-    """The fp32 tests run with fp32's own tiles, then (in the interpreter) with half precision's: the tiles of the
-    fp16/bf16 training path, whose numbers the interpreter can check in fp32 against float64 (its bf16 dots are
-    unusable, see LOW_PRECISION). On a GPU the fp16/bf16 tests run those tiles instead (fp32 would spill in them)."""
+    """The fp32 tests run with each launch configuration fp32 inputs can get: exact fp32's (the default) and TF32's
+    (torch.set_float32_matmul_precision("high")), then with half precision's: the tiles of the fp16/bf16 training path.
+    The interpreter's products are exact whatever the precision, so TF32's and half precision's tiles are checked there
+    in fp32 against float64 (its bf16 products are unusable, see LOW_PRECISION). On a GPU those two passes are skipped:
+    TF32's rounding has its own test (test_gpu_tf32_is_as_accurate_as_torchs), and the fp16/bf16 tests run half
+    precision's tiles."""
+    if request.param != "ieee" and device.type == "cuda":
+        pytest.skip("on a GPU, test_gpu_tf32_is_as_accurate_as_torchs and the fp16/bf16 tests cover these tiles")
     if request.param == "half":
-        if device.type == "cuda":
-            pytest.skip("on a GPU the fp16/bf16 tests run half precision's tiles")
         config = attention_impl.attention_launch_config
         monkeypatch.setattr(attention_impl, "attention_launch_config",
-                            lambda lq, lk, head_dim, elem_bytes=2: config(lq, lk, head_dim, min(elem_bytes, 2)))
-    return request.param
+                            lambda lq, lk, head_dim, precision: config(lq, lk, head_dim, "half"))
+    with fp32_matmul_precision("high" if request.param == "tf32" else "highest"):
+        yield request.param
 
 
 def run_with_grads(fn, inputs, grad_out):
@@ -450,6 +465,33 @@ def test_registered_ops_pass_opcheck(device, seed):
         torch.library.opcheck(op, args)
 
 
+def test_fp32_products_follow_torchs_matmul_precision(device, monkeypatch):
+    """fp32 inputs run exact products by default and TF32 where PyTorch allows it for its own (legacy or new API),
+    read at each call, forward and backward; half precision is unaffected, head dims above 128 stay exact."""
+    seen = []
+    config = attention_impl.attention_launch_config
+    monkeypatch.setattr(attention_impl, "attention_launch_config", lambda *args: seen.append(args[3]) or config(*args))
+
+    def forward_backward(head_dim=16, dtype=torch.float32):
+        q = torch.randn(1, 3, 1, head_dim, device=device, dtype=dtype, requires_grad=True)
+        attention(q, q, q).sum().backward()
+
+    forward_backward()
+    with fp32_matmul_precision("high"):
+        forward_backward()
+        forward_backward(head_dim=256)
+        forward_backward(dtype=torch.float16)
+    with fp32_matmul_precision("medium"):
+        forward_backward()
+    previous = torch.backends.cuda.matmul.fp32_precision  # the API of torch >= 2.9
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        forward_backward()
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = previous
+    assert seen == [p for p in ("ieee", "tf32", "ieee", "half", "tf32", "tf32") for _ in range(2)]
+
+
 def test_public_names_are_exported():
     assert vilbert_kernels.attention is attention_impl.attention
     assert "attention" in vilbert_kernels.__all__ and "co_attention" in vilbert_kernels.__all__
@@ -558,3 +600,29 @@ def test_gpu_dropout_backward_matches_same_mask(seed):
     assert_rel_close(out.cpu(), ref, 1e-4, "out")
     for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert_rel_close(g.cpu(), rg, 1e-4, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T, V, D", [(36, 37, 64), (36, 37, 128), (80, 101, 128), (130, 200, 64)])
+def test_gpu_tf32_is_as_accurate_as_torchs(T, V, D, seed):
+    """fp32 co-attention under torch.set_float32_matmul_precision("high") is as accurate as PyTorch's own TF32
+    products, and really runs TF32 (each of TF32's tile sets: 32-key and 128-key dK/dV blocks at D=128, and the
+    two-launch backward beyond 128 keys)."""
+    B, H = 4, 4
+    text_lens = torch.randint(1, T + 1, (B,), device="cuda")
+    image_lens = torch.randint(1, V + 1, (B,), device="cuda")
+    inputs = [torch.randn(B, L, H, D, device="cuda") for L in (T, T, T, V, V, V)]
+    grad_outs = tuple(torch.randn(B, L, H, D, device="cuda") for L in (T, V))
+
+    def torch_co_attention(tq, tk, tv, iq, ik, iv):
+        return (reference_attention(tq, ik, iv, text_lens, image_lens),
+                reference_attention(iq, tk, tv, image_lens, text_lens))
+
+    def kernel(*x):
+        return co_attention(*x, text_lens, image_lens)
+
+    with fp32_matmul_precision("high"):
+        _assert_as_accurate_as_torch(kernel, torch_co_attention, inputs, grad_outs, num_outputs=2)
+        errors, scale = _max_errors(kernel, inputs, grad_outs, torch_co_attention)
+    exact, _ = _max_errors(kernel, inputs, grad_outs, torch_co_attention)
+    assert max(errors) > 1e-5 * scale > max(exact), (errors, exact, scale)
