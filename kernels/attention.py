@@ -338,10 +338,12 @@ def dot_precision(dtype: torch.dtype, head_dim: int) -> str:
         return "half"
     if head_dim > TF32_MAX_HEAD_DIM:
         return "ieee"
-    setting = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")  # torch >= 2.9; "none": never set
-    if setting == "none":
+    # torch >= 2.9 keeps the setting here ("none" until set; the legacy setters write it too). Its legacy getter raises
+    # once another backend's precision was set through the new API, so it is read only on older torch.
+    setting = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if setting is None:
         return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-    return "ieee" if setting == "ieee" else "tf32"
+    return "tf32" if setting == "tf32" else "ieee"
 
 
 def _block(length: int) -> int:
