@@ -8,7 +8,9 @@ local memory (spills) with the cuobjdump that ships with Triton, and whether the
 
     python -m vilbert_kernels.compile_check            # table; exit 1 on a compile error or a register spill
     python -m vilbert_kernels.compile_check --json out.json
+    python -m vilbert_kernels.compile_check --modules attention --specs-args '{"head_dims": [256]}'
 
+Compiling is single-threaded, so the specs are spread over `--jobs` processes (default: every CPU this one may use).
 Must run without TRITON_INTERPRET (the interpreter replaces @triton.jit functions).
 """
 import argparse
@@ -19,7 +21,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from .kernel_spec import KernelSpec
 
@@ -64,11 +66,12 @@ def resource_usage(cubin: bytes) -> Dict[str, object]:
     return report
 
 
-def collect_specs(modules: List[str] = OP_MODULES) -> List[KernelSpec]:
+def collect_specs(modules: List[str] = OP_MODULES, specs_args: Optional[dict] = None) -> List[KernelSpec]:
+    """Every module's sm90_specs(**specs_args)."""
     specs = []
     for name in modules:
         module = importlib.import_module(f"{__package__ or 'vilbert_kernels'}.{name}")
-        specs.extend(module.sm90_specs())
+        specs.extend(module.sm90_specs(**(specs_args or {})))
     return specs
 
 
@@ -88,6 +91,28 @@ def check(specs: List[KernelSpec]) -> List[Dict[str, object]]:
     return rows
 
 
+def check_in_processes(modules: List[str], specs_args: Optional[dict], jobs: int) -> List[Dict[str, object]]:
+    """check(collect_specs(modules, specs_args)) in `jobs` processes, rows in the specs' order. Specs hold kernels,
+    which do not pickle: each process collects the same specs and checks every jobs-th one (`--shard`)."""
+    count = len(collect_specs(modules, specs_args))
+    jobs = max(1, min(jobs, count))
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [os.path.join(tmp, f"shard{i}.json") for i in range(jobs)]
+        procs = [subprocess.Popen([sys.executable, "-m", f"{__package__ or 'vilbert_kernels'}.compile_check",
+                                   "--modules", *modules, "--specs-args", json.dumps(specs_args or {}),
+                                   "--shard", f"{i}/{jobs}", "--json", path],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for i, path in enumerate(paths)]
+        errors = [proc.communicate()[1] for proc in procs]
+        rows: List[Dict[str, object]] = [{}] * count
+        for i, (path, error) in enumerate(zip(paths, errors)):
+            if not os.path.exists(path):
+                raise RuntimeError(f"compile_check shard {i}/{jobs} wrote no rows:\n{error[-3000:]}")
+            with open(path) as f:
+                rows[i::jobs] = json.load(f)
+    return rows
+
+
 def format_table(rows: List[Dict[str, object]]) -> str:
     lines = ["| kernel | warps | stages | REG | shared B | LOCAL | STACK | MMA | ok |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -102,11 +127,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--modules", nargs="*", default=OP_MODULES, help="op modules to check")
+    parser.add_argument("--specs-args", type=json.loads, default={},
+                        help="JSON object of keyword arguments for each module's sm90_specs")
+    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+                        help="compiling processes (default: the CPUs this process may use)")
+    parser.add_argument("--shard", help=argparse.SUPPRESS)  # "i/n": check specs i, i+n, ... (a --jobs worker)
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile_check: unset TRITON_INTERPRET; the interpreter cannot compile kernels", file=sys.stderr)
         return 2
-    rows = check(collect_specs(args.modules))
+    if args.shard:
+        index, count = map(int, args.shard.split("/"))
+        rows = check(collect_specs(args.modules, args.specs_args)[index::count])
+    elif args.jobs > 1:
+        rows = check_in_processes(args.modules, args.specs_args, args.jobs)
+    else:
+        rows = check(collect_specs(args.modules, args.specs_args))
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:

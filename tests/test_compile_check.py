@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -37,27 +38,31 @@ def test_all_kernels_compile_for_sm90_without_spills(tmp_path):
     assert all(row["ok"] for row in rows), [row for row in rows if not row["ok"]]
 
 
-ATTENTION_CHECK_SCRIPT = """
-import json, sys
-from vilbert_kernels import compile_check
-attention = sys.modules["vilbert_kernels.attention"]
-print(json.dumps(compile_check.check(attention.sm90_specs(**eval(sys.argv[1])))))
-"""
 # Every (queries, keys) tile pair the launch configurations can ask for: 16, 32, 64, over 64 (a 128-key dK/dV block at
 # head dim 64 in half precision, else the two-launch backward) and over 128.
 EVERY_TILE = list(itertools.product((16, 32, 64, 101, 1024), repeat=2))
 
 
 def _check_attention(**sm90_specs_args):
-    """compile_check's rows for attention.sm90_specs(**sm90_specs_args), compiled in a process without the
+    """compile_check's rows for attention.sm90_specs(**sm90_specs_args), compiled in processes without the
     interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", ATTENTION_CHECK_SCRIPT, repr(sm90_specs_args)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "rows.json"
+        proc = subprocess.run([sys.executable, "-m", "vilbert_kernels.compile_check", "--modules", "attention",
+                               "--specs-args", json.dumps(sm90_specs_args), "--json", str(report)],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert report.exists(), proc.stderr[-3000:]
+        rows = json.loads(report.read_text())
     assert all(row.get("shared_bytes") is not None for row in rows), [row for row in rows if "shared_bytes" not in row]
     return rows
+
+
+def test_rows_come_back_in_the_specs_order_from_several_processes():
+    args = dict(head_dims=[64], dtypes=["fp16", "fp32"], dropouts=[False], lengths=[[37, 37]])
+    attention = sys.modules["vilbert_kernels.attention"]
+    rows = _check_attention(**args)  # compile_check --jobs defaults to every CPU: 4 kernels over 2 processes here
+    assert [row["kernel"] for row in rows] == [spec.name for spec in attention.sm90_specs(**args)]
 
 
 @pytest.mark.parametrize("dtypes", [("fp32", "tf32"), pytest.param(("fp16", "bf16"), marks=pytest.mark.slow)])
@@ -65,7 +70,7 @@ def test_attention_compiles_without_spills_at_every_tile(dtypes):
     """At head dims 64 and 128, with and without dropout, every kernel at every (queries, keys) tile pair compiles with
     no spill and fits in a Hopper program's 227 KB of shared memory, not only at the square lengths compile_check lists.
     fp32 (exact and TF32) runs by default: each has tiles of its own, and they spilled most; half precision's 168
-    kernels take ~4 minutes."""
+    kernels take minutes on a cold Triton cache."""
     rows = _check_attention(dtypes=dtypes, lengths=EVERY_TILE)
     assert len(rows) >= 30 * len(dtypes) and all(any(d in row["kernel"] for d in dtypes) for row in rows)
     assert all(row["ok"] for row in rows), [row for row in rows if not row["ok"]]
