@@ -96,21 +96,28 @@ def check_in_processes(modules: List[str], specs_args: Optional[dict], jobs: int
     which do not pickle: each process collects the same specs and checks every jobs-th one (`--shard`)."""
     count = len(collect_specs(modules, specs_args))
     jobs = max(1, min(jobs, count))
+    rows: List[Dict[str, object]] = [{}] * count
     with tempfile.TemporaryDirectory() as tmp:
-        paths = [os.path.join(tmp, f"shard{i}.json") for i in range(jobs)]
-        procs = [subprocess.Popen([sys.executable, "-m", f"{__package__ or 'vilbert_kernels'}.compile_check",
-                                   "--modules", *modules, "--specs-args", json.dumps(specs_args or {}),
-                                   "--shard", f"{i}/{jobs}", "--json", path],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                 for i, path in enumerate(paths)]
-        errors = [proc.communicate()[1] for proc in procs]
-        rows: List[Dict[str, object]] = [{}] * count
-        for i, (path, error) in enumerate(zip(paths, errors)):
+        procs = []
+        for i in range(jobs):
+            with open(os.path.join(tmp, f"shard{i}.err"), "w") as stderr:  # a file: a full pipe would block
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", f"{__package__ or 'vilbert_kernels'}.compile_check", "--modules", *modules,
+                     "--specs-args", json.dumps(specs_args or {}), "--shard", f"{i}/{jobs}",
+                     "--json", os.path.join(tmp, f"shard{i}.json")], stdout=subprocess.DEVNULL, stderr=stderr))
+        for i, proc in enumerate(procs):
+            proc.wait()
+            path = os.path.join(tmp, f"shard{i}.json")
             if not os.path.exists(path):
-                raise RuntimeError(f"compile_check shard {i}/{jobs} wrote no rows:\n{error[-3000:]}")
+                with open(os.path.join(tmp, f"shard{i}.err")) as f:
+                    raise RuntimeError(f"compile_check shard {i}/{jobs} wrote no rows:\n{f.read()[-3000:]}")
             with open(path) as f:
                 rows[i::jobs] = json.load(f)
     return rows
+
+
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def format_table(rows: List[Dict[str, object]]) -> str:
@@ -129,7 +136,7 @@ def main(argv=None) -> int:
     parser.add_argument("--modules", nargs="*", default=OP_MODULES, help="op modules to check")
     parser.add_argument("--specs-args", type=json.loads, default={},
                         help="JSON object of keyword arguments for each module's sm90_specs")
-    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+    parser.add_argument("--jobs", type=int, default=_usable_cpus(),
                         help="compiling processes (default: the CPUs this process may use)")
     parser.add_argument("--shard", help=argparse.SUPPRESS)  # "i/n": check specs i, i+n, ... (a --jobs worker)
     args = parser.parse_args(argv)
