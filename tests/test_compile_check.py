@@ -43,14 +43,15 @@ def test_all_kernels_compile_for_sm90_without_spills(tmp_path):
 EVERY_TILE = list(itertools.product((16, 32, 64, 101, 1024), repeat=2))
 
 
-def _check_attention(**sm90_specs_args):
-    """compile_check's rows for attention.sm90_specs(**sm90_specs_args), compiled in processes without the
-    interpreter."""
+def _check_attention(jobs=None, **sm90_specs_args):
+    """compile_check's rows for attention.sm90_specs(**sm90_specs_args), compiled without the interpreter in `jobs`
+    processes (default: one per CPU)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "rows.json"
         proc = subprocess.run([sys.executable, "-m", "vilbert_kernels.compile_check", "--modules", "attention",
-                               "--specs-args", json.dumps(sm90_specs_args), "--json", str(report)],
+                               "--specs-args", json.dumps(sm90_specs_args), "--json", str(report),
+                               *(["--jobs", str(jobs)] if jobs else [])],
                               env=env, capture_output=True, text=True, timeout=600)
         assert report.exists(), proc.stderr[-3000:]
         rows = json.loads(report.read_text())
@@ -61,7 +62,7 @@ def _check_attention(**sm90_specs_args):
 def test_rows_come_back_in_the_specs_order_from_several_processes():
     args = dict(head_dims=[64], dtypes=["fp16", "fp32"], dropouts=[False], lengths=[[37, 37]])
     attention = sys.modules["vilbert_kernels.attention"]
-    rows = _check_attention(**args)  # compile_check --jobs defaults to every CPU: 4 kernels over 2 processes here
+    rows = _check_attention(jobs=3, **args)  # 4 kernels over 3 processes: 2, 1 and 1 of them
     assert [row["kernel"] for row in rows] == [spec.name for spec in attention.sm90_specs(**args)]
 
 
