@@ -116,6 +116,16 @@ def check_in_processes(modules: List[str], specs_args: Optional[dict], jobs: int
     return rows
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of keyword arguments, got {text!r}")
+    return value
+
+
 def _usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -134,7 +144,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--modules", nargs="*", default=OP_MODULES, help="op modules to check")
-    parser.add_argument("--specs-args", type=json.loads, default={},
+    parser.add_argument("--specs-args", type=_json_object, default={},
                         help="JSON object of keyword arguments for each module's sm90_specs")
     parser.add_argument("--jobs", type=int, default=_usable_cpus(),
                         help="compiling processes (default: the CPUs this process may use)")
