@@ -89,7 +89,8 @@ def _bias_gelu_bwd_kernel(
         dx = dy * (cdf + u * pdf)  # masked elements: dy = 0, so dx = 0
         tl.store(DX + rows64[:, None] * C + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         dbias_acc += tl.sum(dx, axis=0)
-    tl.store(DBIAS_PARTIAL + pid * C + cols, dbias_acc, mask=col_ok)
+    partial = DBIAS_PARTIAL + pid.to(tl.int64) * C  # num_programs * C may exceed 2**31
+    tl.store(partial + cols, dbias_acc, mask=col_ok)
 
 
 def _launch_config(C):
@@ -202,7 +203,7 @@ def bias_gelu(x, bias):
 
     Args:
         x: (..., C) fp32 / fp16 / bf16, any C >= 1; rows may be strided (unit stride along C), else copied.
-        bias: (C,) fp32 / fp16 / bf16, on x's device; used in fp32.
+        bias: (C,) fp32 / fp16 / bf16, on x's device, any stride; used in fp32.
 
     Returns:
         y: (..., C) in x's dtype (the autocast dtype under torch.autocast), computed in fp32.
@@ -210,7 +211,7 @@ def bias_gelu(x, bias):
     """
     x = _autocast(x)
     _validate(x, bias)
-    return bias_gelu_fwd(x, bias)
+    return bias_gelu_fwd(x, bias.contiguous())  # the kernels read bias as a dense (C,) vector
 
 
 def sm90_specs():

@@ -100,6 +100,9 @@ def _layer_norm_fwd_kernel(
         z = z.to(tl.float32)
 
     mean = tl.sum(z, axis=1) / C  # (BLOCK_ROWS,)
+    # One correction pass removes the sum's rounding error from the mean. Without it a constant row's z - mean is a
+    # rounding residue that rstd (up to 1/sqrt(eps) = 1e6) blows up to +-1, where the exact answer is 0.
+    mean += tl.sum(tl.where(mask, z - mean[:, None], 0.0), axis=1) / C
     z_centered = tl.where(mask, z - mean[:, None], 0.0)
     rstd = tl.math.rsqrt(tl.sum(z_centered * z_centered, axis=1) / C + eps)
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -394,7 +397,7 @@ def layer_norm(x, weight, bias, eps=1e-12, residual=None, dropout_p=0.0):
 
     Args:
         x: (..., C) fp32 / fp16 / bf16, 1 <= C <= 8192; rows may be strided (unit stride along C), else copied.
-        weight, bias: (C,) fp32 / fp16 / bf16, on x's device; used in fp32.
+        weight, bias: (C,) fp32 / fp16 / bf16, on x's device, any strides; used in fp32.
         eps: added to the variance (BERT uses 1e-12).
         residual: None or (..., C) like x (shape, dtype, device); added after dropout.
         dropout_p: probability of zeroing an element of x (survivors scaled by 1 / (1 - dropout_p)); the mask comes
@@ -408,7 +411,9 @@ def layer_norm(x, weight, bias, eps=1e-12, residual=None, dropout_p=0.0):
     x, residual = _autocast(x, residual)
     _validate(x, weight, bias, eps, residual, dropout_p)
     dropout_p = float(dropout_p)
-    y, _, _, _ = layer_norm_fwd(x, weight, bias, float(eps), residual, dropout_p, draw_seed(dropout_p))
+    # The kernels read weight and bias as dense (C,) vectors: a strided or expanded one is copied (autograd-aware).
+    y, _, _, _ = layer_norm_fwd(x, weight.contiguous(), bias.contiguous(), float(eps), residual, dropout_p,
+                                draw_seed(dropout_p))
     return y
 
 

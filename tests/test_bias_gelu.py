@@ -63,6 +63,9 @@ def test_strided_and_batched_inputs(seed, device, poison_empty):
     # A column stride other than 1 is copied first.
     x_t = torch.randn(C, 6, device=device).t()  # (6, C), column stride 6
     check_against_references(x_t, torch.randn(C, device=device), torch.randn(6, C, device=device))
+    # A strided and an expanded (stride-0) bias.
+    check_against_references(x, torch.randn(C, 2, device=device)[:, 0], dy)
+    check_against_references(x, torch.randn(1, device=device).expand(C), dy)
 
 
 @pytest.mark.parametrize("shape", [(0, 16), (2, 0, 16)])

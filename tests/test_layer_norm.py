@@ -115,6 +115,21 @@ def test_strided_and_batched_inputs(seed, device, poison_empty):
     # A column stride other than 1 is copied first.
     x_t = torch.randn(C, 6, device=device).t()  # (6, C), column stride 6
     check_against_references(x_t, weight, bias, None, torch.randn(6, C, device=device), dropout_p=0.0)
+    # Strided and expanded (stride-0) weight and bias.
+    weight_t, bias_t = torch.randn(C, 2, device=device).unbind(1)  # (C,) each, stride 2
+    check_against_references(x, weight_t, bias_t, residual, dy, dropout_p=0.2)
+    check_against_references(x, torch.randn(1, device=device).expand(C), torch.randn(1, device=device).expand(C),
+                             residual, dy, dropout_p=0.0)
+
+
+@pytest.mark.parametrize("C", [768, 769, 3072])
+@pytest.mark.parametrize("value", [0.1, 100.3, -7000.7])
+def test_constant_rows_give_the_bias(value, C, device):
+    """Rows with zero variance normalise to 0, so y is the bias exactly (as PyTorch's), at BERT's eps = 1e-12: a mean off
+    by a rounding error would be scaled up by rstd = 1e6."""
+    x = torch.full((3, C), value, device=device)
+    weight, bias = torch.randn(C, device=device), torch.randn(C, device=device)
+    torch.testing.assert_close(layer_norm(x, weight, bias), bias.expand(3, C), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("shape", [(0, 16), (2, 0, 16)])
