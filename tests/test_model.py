@@ -270,7 +270,8 @@ def test_losses_against_float64_formulas():
                   reduction="none").sum(-1)
     mask = batch["region_mask"]
     torch.testing.assert_close(out.region_loss.double(), kl[mask].mean())
-    align = F.cross_entropy(full.align_logits.double(), batch["is_aligned"])
+    # The official labels: 0 for the image's own caption, 1 for a swapped one (is_aligned says the reverse).
+    align = F.cross_entropy(full.align_logits.double(), 1 - batch["is_aligned"])
     torch.testing.assert_close(out.align_loss.double(), align)
     # PretrainCollator's layout: only the masked regions' rows, in region_mask's row-major order.
     with torch.no_grad():

@@ -67,7 +67,7 @@ def align_log_odds(model):
     """The whole pretraining model's alignment log-odds, as alignment_score gives them."""
     def score(batch):
         logits = model(**batch).align_logits
-        return logits[:, 1] - logits[:, 0]
+        return logits[:, 0] - logits[:, 1]  # class 0: the caption belongs to the image (the official head's)
     return score
 
 

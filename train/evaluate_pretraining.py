@@ -20,6 +20,7 @@ import torch
 from vilbert.data import PretrainCollator, PretrainDataset, load_tokenizer, open_store, write_synthetic
 from vilbert.data.pretrain import IGNORE_INDEX
 from vilbert.data.synthetic import DEFAULT_NUM_IMAGES
+from vilbert.model import alignment_class
 from vilbert.tasks.models import load_pretraining_model
 
 
@@ -54,7 +55,7 @@ def evaluate(model, dataset, batch_size, device) -> dict:
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         batch = {k: v.to(device) for k, v in batch.items()}
         out = model(**batch)
-        align_hits += (out.align_logits.argmax(-1) == batch["is_aligned"]).sum().item()
+        align_hits += (out.align_logits.argmax(-1) == alignment_class(batch["is_aligned"])).sum().item()
         targets = batch["mlm_labels"][batch["mlm_labels"] != IGNORE_INDEX]  # mlm_logits: one row per target
         mlm_hits += (out.mlm_logits.argmax(-1) == targets).sum().item()
         mlm_targets += len(targets)

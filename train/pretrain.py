@@ -58,6 +58,7 @@ from loop import (UsageError, add_run_arguments, build_config, check_run_argumen
                   fp32_weights, gpu_available, init_distributed, load_ds_config, train, world_from_env)
 
 from vilbert import SingleStreamForPretraining, ViLBERTForPretraining  # noqa: E402
+from vilbert.model import alignment_class  # noqa: E402
 from vilbert.data import (IGNORE_INDEX, PretrainCollator, PretrainDataset, ensure_default_data,  # noqa: E402
                           load_tokenizer, open_store)
 
@@ -127,7 +128,7 @@ def pretraining_step(engine, batch, config, architecture):
         masked = batch["mlm_labels"] != IGNORE_INDEX
         # mlm_logits has one row per MLM target, in row-major (b, t) order.
         mlm_correct = (out.mlm_logits.argmax(-1) == batch["mlm_labels"][masked]).sum()
-        align_correct = (out.align_logits.argmax(-1) == batch["is_aligned"]).sum()
+        align_correct = (out.align_logits.argmax(-1) == alignment_class(batch["is_aligned"])).sum()
         on_device = torch.stack([*(getattr(out, name).double() for name in LOSS_NAMES), mlm_correct.double(),
                                  masked.sum().double(), align_correct.double()])
     return out.loss, on_device, [len(batch["is_aligned"]), flops]

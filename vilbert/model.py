@@ -20,6 +20,10 @@ from .checkpoint import CheckpointMixin
 from .config import ViLBERTConfig
 
 IGNORE_INDEX = -100  # mlm_labels value at positions that are not MLM targets
+# The alignment head's classes as the official head learned them: its data labelled a caption of the image 0 (BERT's
+# IsNext) and a swapped caption 1, so official checkpoints score pairs the same way here. Batches carry is_aligned
+# (1 = the caption belongs to the image); alignment_class maps it onto these classes.
+ALIGNED, NOT_ALIGNED = 0, 1
 
 
 # ---- building blocks ------------------------------------------------------------------------------------------------
@@ -376,7 +380,7 @@ class PretrainingOutput(ViLBERTOutput):
     mlm_logits: torch.Tensor
     # With region_mask: (N, v_target_size), one row per masked region in row-major (b, v) order. Without: (B, V, ...).
     region_logits: torch.Tensor
-    align_logits: torch.Tensor   # (B, 2); CE against is_aligned (index 1 = the caption belongs to the image)
+    align_logits: torch.Tensor   # (B, 2); index ALIGNED (0) = the caption belongs to the image, as the official head
     loss: Optional[torch.Tensor] = None         # sum of the losses whose labels were given
     mlm_loss: Optional[torch.Tensor] = None     # CE averaged over target tokens (0 when there are none)
     region_loss: Optional[torch.Tensor] = None  # KL(target || softmax(pred)) summed over classes, mean over masked
@@ -552,20 +556,30 @@ class ViLBERTForPretraining(CheckpointMixin, nn.Module):
                                  f"{len(region_logits)} regions; expected one row per masked region")
             losses["region_loss"] = region_kl_loss(region_logits, region_targets)
         if is_aligned is not None:
-            losses["align_loss"] = F.cross_entropy(align_logits.float(), is_aligned)
+            losses["align_loss"] = F.cross_entropy(align_logits.float(), alignment_class(is_aligned))
         metrics = {}
         with torch.no_grad():
             if mlm_labels is not None:
                 metrics["mlm_acc"] = (mlm_logits.argmax(-1) == targets).float().mean() if len(targets) else None
             if is_aligned is not None:
-                metrics["align_acc"] = (align_logits.argmax(-1) == is_aligned).float().mean()
+                metrics["align_acc"] = (align_logits.argmax(-1) == alignment_class(is_aligned)).float().mean()
         loss = sum(losses.values()) if losses else None
         return PretrainingOutput(**vars(out), mlm_logits=mlm_logits, region_logits=region_logits,
                                  align_logits=align_logits, loss=loss, **losses, **metrics)
 
     def alignment_logits(self, out: ViLBERTOutput) -> torch.Tensor:
-        """The alignment head on an encoder output: (B, 2) logits, index 1 = the caption belongs to the image."""
+        """The alignment head on an encoder output: (B, 2) logits, index ALIGNED = the caption belongs to the image."""
         return self.cls.bi_seq_relationship(self.dropout(fuse(self.config, out.pooled_text, out.pooled_image)))
+
+
+def alignment_class(is_aligned: torch.Tensor) -> torch.Tensor:
+    """(B,) is_aligned (1 = the caption belongs to the image, 0 = a swapped caption) -> the head's class (B,) int64."""
+    return torch.where(is_aligned == 1, ALIGNED, NOT_ALIGNED)
+
+
+def alignment_log_odds(align_logits: torch.Tensor) -> torch.Tensor:
+    """(B, 2) alignment logits -> (B,) log-odds that the caption belongs to the image."""
+    return align_logits[:, ALIGNED] - align_logits[:, NOT_ALIGNED]
 
 
 def _check_labels(B, T, V, num_classes, mlm_labels, region_targets, region_mask, is_aligned):

@@ -23,6 +23,7 @@ from vilbert import (SingleStreamForPretraining, SingleStreamForReferring, Singl
                      SingleStreamForVQA, ViLBERTConfig, ViLBERTForPretraining, ViLBERTForReferring,
                      ViLBERTForRetrieval, ViLBERTForVQA)
 from vilbert.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_state_dict
+from vilbert.model import alignment_log_odds
 
 from .common import model_inputs
 from .metrics import vqa_score_from_logits
@@ -151,8 +152,7 @@ def load_pretraining_model(init: str, backend: Optional[str] = None,
 def alignment_score(model: ViLBERTForPretraining) -> PairScorer:
     """score_fn for `score_all_pairs`: the alignment head's log-odds that the caption belongs to the image."""
     def head(out):
-        logits = model.alignment_logits(out).float()  # (rows, 2)
-        return logits[:, 1] - logits[:, 0]
+        return alignment_log_odds(model.alignment_logits(out).float())  # (rows,)
     return PairScorer(model.bert, head)
 
 
