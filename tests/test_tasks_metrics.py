@@ -94,6 +94,8 @@ def test_retrieval_recall_bad_input():
         retrieval_recall(torch.zeros(3, 2), torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="scores"):
         retrieval_recall(torch.zeros(3), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="NaN"):  # would rank first: every caption a hit
+        retrieval_recall(torch.full((3, 3), float("nan")), torch.tensor([0, 1, 2]))
 
 
 # ----------------------------------------------------------------------------------------- referring expressions

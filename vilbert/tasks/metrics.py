@@ -118,6 +118,9 @@ def retrieval_recall(scores: torch.Tensor, caption_image: torch.Tensor,
                          f"got {tuple(caption_image.shape)}")
     if num_captions == 0 or caption_image.min() < 0 or caption_image.max() >= num_images:
         raise ValueError(f"caption_image must hold image indices in [0, {num_images}) for at least one caption")
+    if scores.isnan().any():  # NaN compares false with everything: it would rank first and count as a hit
+        raise ValueError(f"scores hold {int(scores.isnan().sum())} NaN of {scores.numel()}: a diverged model or an "
+                         "overflow, not a ranking")
     scores = scores.double()
 
     image_rank = _rank_of_truth(scores.t(), caption_image)  # (C,)
