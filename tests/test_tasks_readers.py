@@ -86,6 +86,18 @@ def test_vqa_reader_vocab_and_targets(tmp_path, store, tokenizer):
     assert batch["input_ids"].shape[1] == batch["text_lens"].max()
 
 
+def test_vocab_entries_written_otherwise_get_their_targets():
+    """An answer list as the official one writes it (apostrophes, hyphens) matches the normalized human answers."""
+    vocab = AnswerVocab(["don't know", "t-shirt", "Two", "yes"])
+    humans = ["dont know"] * 4 + ["T-Shirt"] * 3 + ["two"] * 2 + ["1"]
+    assert vocab.soft_targets(humans).tolist() == pytest.approx([1.0, 0.9, 0.6, 0.0])
+    with pytest.warns(UserWarning, match="'dont know' \\(as \"don't know\"\\)"):
+        merged = AnswerVocab(["don't know", "dont know"])
+    assert merged.soft_targets(humans).tolist() == pytest.approx([1.0, 0.0])
+    with pytest.raises(ValueError, match="unique"):
+        AnswerVocab(["yes", "yes"])
+
+
 def test_vqa_reader_errors(tmp_path, store, tokenizer):
     q, a = write_vqa(tmp_path)
     bad = tmp_path / "bad.json"

@@ -10,6 +10,7 @@ The head is a classifier over the answer vocabulary (3129 answers in the officia
 with BCE against the soft scores min(#humans / 3, 1).
 """
 import json
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
@@ -57,13 +58,29 @@ def load_vqa(questions_path: str, annotations_path: Optional[str] = None) -> Lis
 
 
 class AnswerVocab:
-    """Normalized answer string <-> class index of the VQA head."""
+    """Answer string <-> class index of the VQA head.
+
+    `answers` keeps the entries as given (the head's classes, and the strings predictions are reported as); lookups go
+    through `normalize_answer`, the normalization the human answers get, so an entry written another way ("don't
+    know", "T-shirt", as in the official answer list) still receives its targets. Entries that normalize alike share
+    the first one's class (with a warning: the later ones never get a target).
+    """
 
     def __init__(self, answers: Sequence[str]):
         self.answers = list(answers)
-        self.index = {a: i for i, a in enumerate(self.answers)}
-        if len(self.index) != len(self.answers):
+        if len(set(self.answers)) != len(self.answers):
             raise ValueError("answers must be unique")
+        self.index: Dict[str, int] = {}
+        merged = []
+        for i, answer in enumerate(self.answers):
+            key = normalize_answer(answer)
+            if key in self.index:
+                merged.append(f"{answer!r} (as {self.answers[self.index[key]]!r})")
+            else:
+                self.index[key] = i
+        if merged:
+            warnings.warn(f"{len(merged)} answers normalize like an earlier one and will never be a target: "
+                          f"{', '.join(merged[:5])}")
 
     def __len__(self) -> int:
         return len(self.answers)
