@@ -154,6 +154,23 @@ def test_tsv_reader_and_converter(tmp_path, records):
         assert_same_record(store[i], r, fp16=True)
 
 
+def test_single_file_lmdb_whose_first_line_holds_a_tab_is_not_a_tsv(tmp_path):
+    """tensorpack writes the official pretraining LMDB as one file; its meta page's counters can put a tab before the
+    first newline byte (here after 38 write transactions), which a TSV sniff alone would take for a TSV header."""
+    path = str(tmp_path / "one_file.lmdb")
+    env = lmdb.open(path, subdir=False, map_size=1 << 24)
+    for i in range(60):
+        with env.begin(write=True) as txn:
+            txn.put(b"%08d" % i, b"x" * 100)
+        with open(path, "rb") as f:
+            if b"\t" in f.read(4096).split(b"\n", 1)[0]:
+                break
+    else:
+        pytest.fail("no write left a tab in the LMDB file's first line: this test no longer tests anything")
+    env.close()
+    assert detect_format(path) == "official-pretrain-lmdb"
+
+
 def test_official_lmdb_reader_and_converter(tmp_path, records):
     write_official_lmdb(tmp_path / "feat.lmdb", records)
     write_official_lmdb(tmp_path / "feat_b64.lmdb", records, base64_arrays=True)
@@ -252,6 +269,17 @@ def test_non_finite_and_negative_values_are_caught_in_every_precision(records, d
                 check(cls_prob=cls_prob)
         else:
             check(cls_prob=cls_prob)
+
+
+@pytest.mark.parametrize("field", ["features", "cls_prob"])
+def test_values_beyond_fp16_are_refused_by_the_writer(tmp_path, records, field):
+    """The store keeps features and class distributions in fp16: a value it would turn into inf is an error."""
+    big = records[1][field].copy()
+    big[0, 0] = 7e4
+    with StoreWriter(tmp_path / "store") as writer:
+        writer.add(records[0])
+        with pytest.raises(BadRecordError, match=f"record 1 .*{field} exceed fp16's range"):
+            writer.add({**records[1], field: big})
 
 
 def test_damaged_native_record_is_detected(tmp_path, records):

@@ -327,8 +327,10 @@ class StoreWriter:
         elif dim != self.feature_dim or classes != self.num_classes:
             raise BadRecordError(f"{where}: feature_dim {dim} / num_classes {classes} differ from the first record's "
                                  f"{self.feature_dim} / {self.num_classes}", image_id=record["image_id"])
-        if np.abs(record["features"]).max() > _FP16_MAX:
-            raise BadRecordError(f"{where}: features exceed fp16's range ({_FP16_MAX})", image_id=record["image_id"])
+        for field in ("features", "cls_prob"):  # stored as fp16: beyond its range they would come back inf
+            if field in record and np.abs(record[field]).max(initial=0) > _FP16_MAX:
+                raise BadRecordError(f"{where}: {field} exceed fp16's range ({_FP16_MAX})",
+                                     image_id=record["image_id"])
         value = _encode_native(record)
         self._txn.put(_native_key(self.count), value)
         self._checksum = zlib.crc32(value[:4], self._checksum)
@@ -602,6 +604,7 @@ class OfficialPretrainLmdb(_LmdbStore):
 # ---------------------------------------------------------------------------------------------------- open / convert
 
 
+_LMDB_MAGIC = (0xBEEFC0DE).to_bytes(4, "little")  # after the 16-byte page header of an LMDB data file's meta page
 _READERS = {"native": NativeStore, "tsv": TsvReader, "official-lmdb": OfficialFeatureLmdb,
             "official-pretrain-lmdb": OfficialPretrainLmdb}
 
@@ -614,7 +617,9 @@ def detect_format(path: str | os.PathLike) -> str:
     if os.path.isfile(path):
         with open(path, "rb") as f:
             head = f.read(4096)
-        if b"\t" in head.split(b"\n", 1)[0]:
+        # An LMDB file (tensorpack writes the official pretraining LMDB as one) starts with a meta page whose binary
+        # counters may hold a tab before any newline: its magic number rules it out as a TSV first.
+        if head[16:20] != _LMDB_MAGIC and b"\t" in head.split(b"\n", 1)[0]:
             return "tsv"
     elif not os.path.exists(os.path.join(path, "data.mdb")):
         raise ValueError(f"{path!r} is a directory without data.mdb: not an LMDB store")
