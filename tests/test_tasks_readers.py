@@ -115,6 +115,13 @@ def test_retrieval_caption_readers(tmp_path):
     lines = tmp_path / "train.jsonl"
     lines.write_text('{"image_id": 1, "caption": "a dog"}\n\n{"image_id": "2", "sentences": ["a cat", "the cat"]}\n')
     assert load_captions(str(lines)) == [(1, "a dog"), (2, "a cat"), (2, "the cat")]
+    # vilbert-multi-task's files: COCO lines name the image by "id", Flickr30k lines by "img_path".
+    mt = tmp_path / "all_data_final_test_set0_2014.jsonline"
+    mt.write_text('{"sentences": ["a dog", "one dog"], "id": 7}\n{"sentences": ["a cat"], "img_path": "1007.jpg"}\n')
+    assert load_captions(str(mt)) == [(7, "a dog"), (7, "one dog"), (1007, "a cat")]
+    mt.write_text('{"sentences": ["a dog"], "url": "x"}\n')
+    with pytest.raises(ValueError, match=":1: expected an image id"):
+        load_captions(str(mt))
     obj = tmp_path / "captions.json"
     obj.write_text(json.dumps({"1": ["a dog", "one dog"], "3": "a bird"}))
     pairs = load_captions(str(obj))

@@ -23,7 +23,9 @@ Launch (same conventions as train/pretrain.py: batch sizes in the DeepSpeed JSON
 
 --data is a directory holding, per split (--train_split / --val_split):
     vqa:       v2_OpenEnded_mscoco_<split>_questions.json + v2_mscoco_<split>_annotations.json
-    retrieval: captions_<split>.jsonl ({"image_id", "caption"} per line) or captions_<split>.json ({image_id: [...]})
+    retrieval: captions_<split>.jsonl ({"image_id", "caption"} per line), captions_<split>.jsonline
+               (vilbert-multi-task's all_data_final_<split>.jsonline, renamed) or captions_<split>.json
+               ({image_id: [...]})
     referring: refs_<split>.json or .jsonl ([{"ref_id", "image_id", "sentences", "bbox": [x, y, w, h]}])
 and the feature store at <data>/features unless --features is given. Without --data: the built-in synthetic tasks.
 
@@ -66,8 +68,8 @@ from vilbert.tasks.metrics import retrieval_recall, summarize_recall, vqa_score_
 from vilbert.tasks.models import (ARCHITECTURES, TASKS, alignment_score, evaluate_batches,  # noqa: E402
                                   load_pretraining_model, load_task_model, retrieval_score)
 from vilbert.tasks.referring import ReferringDataset, load_refs, referring_hits  # noqa: E402
-from vilbert.tasks.retrieval import (NUM_CHOICES, RetrievalTrainDataset, load_captions,  # noqa: E402
-                                     retrieval_eval_set, score_all_pairs)
+from vilbert.tasks.retrieval import (JSON_LINES_SUFFIXES, NUM_CHOICES, RetrievalTrainDataset,  # noqa: E402
+                                     load_captions, retrieval_eval_set, score_all_pairs)
 from vilbert.tasks.synthetic import FEATURES_DIR, ensure_synthetic_tasks  # noqa: E402
 from vilbert.tasks.vqa import VQA2_NUM_ANSWERS, AnswerVocab, VQADataset, load_vqa  # noqa: E402
 
@@ -151,7 +153,7 @@ def build_datasets(args, data_dir, store, tokenizer):
         return train, VQADataset(examples(args.val_split), store, tokenizer, vocab, **common), vocab
     if args.task == "retrieval":
         def pairs(split):
-            return load_captions(split_file(data_dir, "captions", split, (".jsonl", ".json")))
+            return load_captions(split_file(data_dir, "captions", split, (*JSON_LINES_SUFFIXES, ".json")))
         train = None if args.eval_only else RetrievalTrainDataset(pairs(args.train_split), store, tokenizer,
                                                                   seed=args.seed, **common)
         val_pairs = pairs(args.val_split)

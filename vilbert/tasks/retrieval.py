@@ -1,7 +1,9 @@
 """Image-text retrieval: caption files, the paper's 4-way multiple-choice training, all-pairs evaluation scoring.
 
 Caption files users have:
-  - JSON lines, one {"image_id": ..., "caption": "..."} (or "sentences": [...]) per line (the mt retrieval layout);
+  - JSON lines (.jsonl, .jsonline), one {"image_id": ..., "caption": "..."} or {..., "sentences": [...]} per line; the
+    vilbert-multi-task files (all_data_final_<split>.jsonline) name the image by "id" (COCO) or "img_path" (Flickr30k,
+    "<image_id>.jpg") instead;
   - a JSON object {image_id: [captions]} (Flickr30k / COCO Karpathy-style) or {image_id: "caption"}.
 Training (as the paper): for each (caption, image) pair, 4 choices scored by a pair-score head, cross-entropy with the
 positive as the answer: the positive, the image with a random other caption, the caption with a random other image,
@@ -9,6 +11,7 @@ and a hard negative image from a given pool (per image, e.g. its 100 nearest ima
 random image. Choice 0 is always the positive (the model sees each pair on its own, so the position does not leak).
 """
 import json
+import os
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -18,6 +21,18 @@ from vilbert.model import ViLBERTOutput
 from .common import TaskCollator, encode_regions, encode_text, image_key, index_images, item_generator
 
 NUM_CHOICES = 4
+JSON_LINES_SUFFIXES = (".jsonl", ".jsonline", ".jsonlines")
+
+
+def _line_image_id(rec: dict):
+    """A caption line's image id: "image_id", or the vilbert-multi-task files' "id" / "img_path" stem; None if none."""
+    if "image_id" in rec:
+        return rec["image_id"]
+    if "id" in rec:
+        return rec["id"]
+    if "img_path" in rec:
+        return os.path.splitext(os.path.basename(rec["img_path"]))[0]
+    return None
 
 
 def load_captions(path: str) -> List[Tuple[object, str]]:
@@ -25,20 +40,21 @@ def load_captions(path: str) -> List[Tuple[object, str]]:
     with open(path, encoding="utf-8") as f:
         text = f.read()
     pairs = []
-    if path.endswith(".jsonl"):
+    if path.endswith(JSON_LINES_SUFFIXES):
         for line_no, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             rec = json.loads(line)
-            if "image_id" not in rec or ("caption" not in rec and "sentences" not in rec):
-                raise ValueError(f"{path}:{line_no}: expected keys image_id and caption (or sentences), "
-                                 f"got {sorted(rec)}")
+            image_id = _line_image_id(rec)
+            if image_id is None or ("caption" not in rec and "sentences" not in rec):
+                raise ValueError(f"{path}:{line_no}: expected an image id (image_id, id or img_path) and caption "
+                                 f"(or sentences), got keys {sorted(rec)}")
             captions = rec["sentences"] if "sentences" in rec else [rec["caption"]]
-            pairs.extend((image_key(rec["image_id"]), c) for c in captions)
+            pairs.extend((image_key(image_id), c) for c in captions)
     else:
         data = json.loads(text)
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object {{image_id: [captions]}} (or a .jsonl file), "
+            raise ValueError(f"{path}: expected a JSON object {{image_id: [captions]}} (or a JSON-lines file), "
                              f"got a {type(data).__name__}")
         for image_id, captions in data.items():
             captions = [captions] if isinstance(captions, str) else captions
