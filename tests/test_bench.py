@@ -190,6 +190,28 @@ def test_ops_quick(tmp_path):
 
 
 @cpu_only
+def test_ops_compiled_reference_runs_every_mode(tmp_path):
+    """torch.compile's LayerNorm backward donates its saved buffers unless told not to, and then refuses the bwd rows'
+    backward(retain_graph=True): the suite must time every mode of every case (~10 s of CPU compiling)."""
+    import torch._functorch.config
+    donation = torch._functorch.config.donated_buffer
+    results = common.Results("ops", tmp_path, {"device": "cpu"}, {})
+    ops.run(results, common.Options(quick=True, cpu_compile=True, providers=["reference_compiled"]),
+            common.Budget(None), {})
+    compiled = [r for r in results.rows if r["provider"] == "reference_compiled"]
+    assert {(r["op"], r["mode"]) for r in compiled} == {(op, mode) for op in ("layer_norm", "bias_gelu")
+                                                          for mode in common.MODES}
+    assert all(r["correct"] and r["ms_p50"] > 0 for r in compiled), [r["skipped"] for r in compiled]
+    assert torch._functorch.config.donated_buffer == donation  # the model suite's compiled step keeps its setting
+
+
+def test_ops_quick_gpu_cases_are_the_widths_vilbert_runs():
+    """LayerNorm at the text and image widths (768, 1024); bias + GELU at the text and image FFN widths (3072, 1024)."""
+    widths = {(c.op, c.C) for c in ops.cases(on_gpu=True, quick=True)}
+    assert widths == {("layer_norm", 768), ("layer_norm", 1024), ("bias_gelu", 3072), ("bias_gelu", 1024)}
+
+
+@cpu_only
 @pytest.mark.skipif(importlib.util.find_spec("vilbert.model") is None, reason="vilbert.model not written yet")
 def test_model_quick(tmp_path):
     results = common.Results("model", tmp_path, {"device": "cpu"}, {})
