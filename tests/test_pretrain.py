@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -280,6 +281,25 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path, zero2_runs):
     assert len(tags) == 2 and "global_step24" in tags  # keep_last 2: the SIGTERM checkpoint and the final one
 
 
+@pytest.mark.distributed
+def test_resume_refuses_another_seed_and_no_resume_starts_over(tmp_path, zero2_runs):
+    """A checkpoint's position names samples of its seed's order: another --seed must not resume it (samples would
+    repeat or be skipped). --no_resume then starts over, with the earlier run set aside."""
+    common, _, one = zero2_runs
+    shutil.copytree(one, tmp_path / "out")
+    process = launch(1, tmp_path / "out", *common, "--seed", "1")
+    output, _ = process.communicate(timeout=RUN_TIMEOUT)
+    assert process.returncode != 0
+    assert "cannot resume" in output and "seed=0, this sampler 1" in output, output[-3000:]
+    steps = common.index("--max_steps") + 1
+    run(1, tmp_path / "out", *common[:steps], "2", *common[steps + 1:], "--seed", "1", "--no_resume")
+    assert max(metrics(tmp_path / "out")) == 2
+    with open(tmp_path / "out" / "latest") as f:
+        assert f.read() == "global_step2"
+    (previous,) = glob.glob(str(tmp_path / "out" / "previous_runs" / "*"))
+    assert "global_step24" in os.listdir(previous) and max(metrics(previous)) == 24
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_hard_kill_then_resume_equals_uninterrupted(tmp_path, store):
@@ -335,12 +355,16 @@ def test_bad_arguments_fail_with_one_line(pretrain, capsys, tmp_path, monkeypatc
     assert "deepspeed_config" in error_line(pretrain, capsys, "--deepspeed_config", str(tmp_path / "nope.json"))
     assert "deepspeed_config is required" in error_line(pretrain, capsys)
     assert "--max_steps" in error_line(pretrain, capsys, "--deepspeed_config", good, "--max_steps", "0")
+    assert "--epochs must be > 0" in error_line(pretrain, capsys, "--deepspeed_config", good, "--epochs", "0")
+    assert "--seed must be in" in error_line(pretrain, capsys, "--deepspeed_config", good, "--seed", "-1")
     with open(good) as f:
         config = json.load(f)
     fp16 = write_json(tmp_path / "fp16.json", {**config, "fp16": {"enabled": True}})
     assert "fp16 needs a GPU" in error_line(pretrain, capsys, "--deepspeed_config", fp16)
     both = write_json(tmp_path / "both.json", {**config, "fp16": {"enabled": True}, "bf16": {"enabled": True}})
     assert "both enabled" in error_line(pretrain, capsys, "--deepspeed_config", both)
+    no_optimizer = write_json(tmp_path / "no_optimizer.json", {k: v for k, v in config.items() if k != "optimizer"})
+    assert '"optimizer" block' in error_line(pretrain, capsys, "--deepspeed_config", no_optimizer)
     monkeypatch.setenv("WORLD_SIZE", "3")  # 8 is not a multiple of micro 4 x 3 ranks
     assert "not divisible" in error_line(pretrain, capsys, "--deepspeed_config", good)
 
@@ -376,12 +400,38 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         with open(tmp_path / "latest") as f:
             return f.read(), sorted(d for d in os.listdir(tmp_path) if d.startswith("global_step"))
 
+    os.makedirs(tmp_path / "global_step1_universal")  # ds_to_universal's output: not one of this loop's tags
     for step in (1, 2, 3):
         loop.save_checkpoint(Engine(fail=False), str(tmp_path), {"step": step}, keep_last=2)
-    assert state() == ("global_step3", ["global_step2", "global_step3"])
+    assert state() == ("global_step3", ["global_step1_universal", "global_step2", "global_step3"])
     with pytest.raises(OSError):
         loop.save_checkpoint(Engine(fail=True), str(tmp_path), {"step": 4}, keep_last=2)
-    assert state() == ("global_step3", ["global_step2", "global_step3", "global_step4"])
+    assert state() == ("global_step3", ["global_step1_universal", "global_step2", "global_step3", "global_step4"])
+
+
+def test_half_precision_needs_a_zero_stage_on_gpus(tmp_path):
+    """At stage 0 DeepSpeed saves only the bf16/fp16 model, so the export could not hold the fp32 master weights."""
+    with open(os.path.join(ROOT, "train", "ds.json")) as f:
+        config = json.load(f)
+    config["zero_optimization"] = {"stage": 0}
+    path = write_json(tmp_path / "bf16_stage0.json", config)
+    with pytest.raises(loop.UsageError, match="bf16 needs zero_optimization.stage >= 1"):
+        loop.load_ds_config(path, world_size=1, on_gpu=True)
+    loop.load_ds_config(path, world_size=1, on_gpu=False)  # the CPU runs fp32
+
+
+def test_no_resume_sets_the_earlier_run_aside(tmp_path):
+    """Nothing of the earlier run is deleted, resumed later, or mixed into this run's checkpoint folders."""
+    for name in ("global_step3", "global_step6", "final", "previous_runs"):
+        os.makedirs(tmp_path / name)
+    for name in ("latest", "metrics.jsonl", "samples_rank0.jsonl", "ds.json"):
+        (tmp_path / name).write_text(name)
+    moved = loop.set_aside_previous_run(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["ds.json", "previous_runs"]
+    assert sorted(os.listdir(moved)) == ["final", "global_step3", "global_step6", "latest", "metrics.jsonl",
+                                         "samples_rank0.jsonl"]
+    assert os.path.dirname(moved) == str(tmp_path / "previous_runs")
+    assert loop.set_aside_previous_run(str(tmp_path)) is None  # nothing left to move
 
 
 def test_cpu_turns_bf16_off_and_fills_the_schedule():

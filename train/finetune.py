@@ -281,7 +281,8 @@ def main(argv=None):
         with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as metrics_file:
             metrics_file.write(json.dumps(record) + "\n")
         print(f"finetune.py: eval {json.dumps(record)}", flush=True)
-    dist.barrier()
+    # No collective after training: the other ranks end while rank 0 evaluates (a barrier would time out on a long
+    # evaluation, such as retrieval's every caption x every image).
     return 0
 
 

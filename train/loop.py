@@ -21,10 +21,12 @@ import glob
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import signal
 import sys
+import tempfile
 import time
 
 import deepspeed
@@ -79,6 +81,10 @@ def check_run_arguments(args, cpu_config):
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
         raise UsageError(f"--max_steps must be >= 1, got {args.max_steps}")
+    if args.max_steps is None and not args.epochs > 0:
+        raise UsageError(f"--epochs must be > 0, got {args.epochs}")
+    if not 0 <= args.seed < 2 ** 32 - 1:  # numpy's seeds; rank r seeds with seed + r
+        raise UsageError(f"--seed must be in [0, 2**32 - 1), got {args.seed}")
     if args.num_workers is not None and args.num_workers < 0:
         raise UsageError(f"--num_workers must be >= 0, got {args.num_workers}")
     if not args.deepspeed_config:
@@ -137,6 +143,13 @@ def load_ds_config(path, world_size, on_gpu):
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise UsageError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    if (fp16 or bf16) and stage == 0 and on_gpu:  # (the CPU runs fp32)
+        raise UsageError(f"{path}: {'fp16' if fp16 else 'bf16'} needs zero_optimization.stage >= 1 here: the final "
+                         "export reads the fp32 master weights from the ZeRO checkpoint (stage 0 saves only the "
+                         f"{'fp16' if fp16 else 'bf16'} model)")
+    if not isinstance(config.get("optimizer"), dict) or "type" not in config["optimizer"]:
+        raise UsageError(f'{path}: needs an "optimizer" block with a "type" (the training scripts build the weight '
+                         "decay groups for it)")
     note = f"GPU, {'bf16' if bf16 else 'fp16' if fp16 else 'fp32'}"
     if not on_gpu:
         if fp16:
@@ -232,6 +245,9 @@ def gather_objects(obj):
     return objects
 
 
+_TAG = re.compile(r"global_step(\d+)")  # this loop's checkpoint folders (not e.g. ds_to_universal's *_universal)
+
+
 def save_checkpoint(engine, output_dir, client_state, keep_last):
     """Save on every rank; point `latest` at the new tag only once every rank has finished writing it.
 
@@ -250,8 +266,8 @@ def save_checkpoint(engine, output_dir, client_state, keep_last):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, os.path.join(output_dir, "latest"))
-        old = sorted((d for d in os.listdir(output_dir) if d.startswith("global_step") and d != tag),
-                     key=lambda d: int(d[len("global_step"):]))
+        old = sorted((d for d in os.listdir(output_dir) if _TAG.fullmatch(d) and d != tag),
+                     key=lambda d: int(_TAG.fullmatch(d)[1]))
         for d in old[:max(0, len(old) - (keep_last - 1))]:
             shutil.rmtree(os.path.join(output_dir, d), ignore_errors=True)
     dist.barrier()
@@ -265,25 +281,48 @@ def check_world_size(output_dir, world_size):
     shards = glob.glob(os.path.join(output_dir, tag, "*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
     if shards and len(shards) != world_size:
         raise SystemExit(f"{PROGRAM}: error: {output_dir}/{tag} was saved by {len(shards)} ranks, this run has "
-                         f"{world_size}: use the same world size (or convert it with ds_to_universal and set "
-                         f'"checkpoint": {{"load_universal": true}}), or pass --no_resume')
+                         f"{world_size}: resume it with the same world size, or pass --no_resume to start over")
 
 
-def resume_latest(engine, output_dir, world_size, rank):
-    """Loads the newest checkpoint in output_dir into the engine and restores this rank's RNG states; returns
-    (optimizer step, epoch, samples consumed in that epoch), or (0, 0, 0) when output_dir holds none."""
+def resume_latest(engine, output_dir, world_size, rank, sampler):
+    """Loads the newest checkpoint in output_dir into the engine and the sampler (which refuses a position saved with
+    another seed, dataset size or batch: it would name other samples) and restores this rank's RNG states; returns
+    the optimizer step, 0 when output_dir holds no checkpoint."""
     if not os.path.isfile(os.path.join(output_dir, "latest")):
-        return 0, 0, 0
+        return 0
     check_world_size(output_dir, world_size)
     load_path, client_state = engine.load_checkpoint(output_dir)
     if load_path is None:
         raise RuntimeError(f"could not load the checkpoint named by {output_dir}/latest")
-    step, epoch, consumed = client_state["step"], client_state["epoch"], client_state["consumed_samples"]
+    try:
+        # (checkpoints from before the sampler's identity was saved hold only the position)
+        sampler.load_state_dict(client_state.get("sampler") or {key: client_state[key]
+                                                                 for key in ("epoch", "consumed_samples")})
+    except ValueError as error:
+        raise SystemExit(f"{PROGRAM}: error: cannot resume {load_path}: {error}; run it with the saved run's --seed, "
+                         "data and batch sizes, or pass --no_resume to start over") from None
     if len(client_state["rng"]) == world_size:
         set_rng_state(client_state["rng"][rank])
     if rank == 0:
-        print(f"{PROGRAM}: resumed from {load_path} at step {step}, epoch {epoch}, sample {consumed}", flush=True)
-    return step, epoch, consumed
+        print(f"{PROGRAM}: resumed from {load_path} at step {client_state['step']}, epoch {sampler.epoch}, "
+              f"sample {sampler.consumed_samples}", flush=True)
+    return client_state["step"]
+
+
+def set_aside_previous_run(output_dir):
+    """For --no_resume: moves an earlier run's checkpoints, `latest`, final/ and logs from output_dir into
+    output_dir/previous_runs/<time>/, so that nothing of it is resumed, mixed into this run's checkpoint folders or
+    deleted. Returns that folder, or None when there was nothing to move."""
+    names = [name for name in os.listdir(output_dir)
+             if _TAG.fullmatch(name) or name in ("latest", "final", "metrics.jsonl")
+             or re.fullmatch(r"samples_rank\d+\.jsonl", name)]
+    if not names:
+        return None
+    os.makedirs(os.path.join(output_dir, "previous_runs"), exist_ok=True)
+    folder = tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=os.path.join(output_dir, "previous_runs"))
+    for name in names:
+        os.replace(os.path.join(output_dir, name), os.path.join(folder, name))
+    return folder
 
 
 def fp32_weights(engine, output_dir):
@@ -402,8 +441,15 @@ def train(args, model, dataset, collator, ds_config, micro_step, summarize):
     torch.manual_seed(args.seed + rank)
 
     os.makedirs(args.output_dir, exist_ok=True)
-    # optimizer steps; epoch; global samples consumed in this epoch
-    step, epoch, consumed = resume_latest(engine, args.output_dir, world_size, rank) if args.resume else (0, 0, 0)
+    if not args.resume and rank == 0:
+        previous = set_aside_previous_run(args.output_dir)
+        if previous:
+            print(f"{PROGRAM}: --no_resume: the earlier run's checkpoints and logs moved to {previous}", flush=True)
+    dist.barrier()
+    sampler = ResumableSampler(len(dataset), seed=args.seed, rank=rank, world_size=world_size, micro_batch_size=micro)
+    step = resume_latest(engine, args.output_dir, world_size, rank, sampler) if args.resume else 0
+    # The position as the loop sees it (the loader's workers run ahead of it): epoch; global samples consumed in it.
+    epoch, consumed = sampler.epoch, sampler.consumed_samples
 
     mode = "a" if step else "w"  # a resumed run continues the logs; a fresh one replaces them
     metrics_file = open(os.path.join(args.output_dir, "metrics.jsonl"), mode) if rank == 0 else None
@@ -418,8 +464,6 @@ def train(args, model, dataset, collator, ds_config, micro_step, summarize):
     window_start = time.perf_counter()
     step_indices = []
     stopping = False  # agreed by all ranks
-    sampler = ResumableSampler(len(dataset), seed=args.seed, rank=rank, world_size=world_size, micro_batch_size=micro)
-    sampler.load_state_dict({"epoch": epoch, "consumed_samples": consumed})
     # The loader's own generator: starting an iterator must not draw from the global RNG (dropout's), or a resumed run
     # would drop out other units than the uninterrupted run.
     loader = DataLoader(EpochIndexedDataset(dataset), batch_sampler=EpochBatches(sampler),
@@ -447,7 +491,12 @@ def train(args, model, dataset, collator, ds_config, micro_step, summarize):
                 samples_file.write(json.dumps({"step": step, "indices": step_indices}) + "\n")
                 samples_file.flush()
             step_indices = []
-            if step % args.log_interval == 0 or step == max_steps:
+            # Every rank must stop at the same step, or the next collective hangs: a signal on any rank counts.
+            flag = torch.tensor(float(stop["signal"] is not None), device=engine.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stopping = bool(flag.item())
+            # On a stop, the steps since the last line get a line of their own (a resumed run starts a new window).
+            if step % args.log_interval == 0 or step == max_steps or stopping:
                 sums = torch.cat([device_sums, torch.tensor(host_sums, dtype=torch.float64, device=device_sums.device)])
                 dist.all_reduce(sums)
                 seconds = time.perf_counter() - window_start
@@ -464,13 +513,12 @@ def train(args, model, dataset, collator, ds_config, micro_step, summarize):
                                                      for k, v in record.items() if k not in ("step", "samples")])
                 device_sums = host_sums = None
                 window_start = time.perf_counter()
-            # Every rank must stop at the same step, or the next collective hangs: a signal on any rank counts.
-            flag = torch.tensor(float(stop["signal"] is not None), device=engine.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stopping = bool(flag.item())
             if step % args.save_interval == 0 or step >= max_steps or stopping:
-                save_checkpoint(engine, args.output_dir, {"step": step, "epoch": epoch, "consumed_samples": consumed,
-                                                          "world_size": world_size}, args.keep_last)
+                saving_since = time.perf_counter()
+                position = {**sampler.state_dict(), "epoch": epoch, "consumed_samples": consumed}
+                save_checkpoint(engine, args.output_dir, {"step": step, "sampler": position, "world_size": world_size},
+                                args.keep_last)
+                window_start += time.perf_counter() - saving_since  # samples/s counts training, not saving
             if step >= max_steps or stopping:
                 break
     del batches  # the DataLoader iterator, and with it the worker processes, ends here

@@ -25,7 +25,9 @@ TensorBoard: set "tensorboard": {"enabled": true} in the JSON (needs `pip instal
 output_dir/tensorboard.
 
 Stopping: SIGTERM or SIGINT (Ctrl-C) on any rank lets the current optimizer step finish, saves a checkpoint on every
-rank and exits 0 (the DeepSpeed launcher forwards SIGTERM to the ranks and kills them 30 s later). Running the same
+rank and exits 0. Signal the ranks, or the launcher's process group (`kill -TERM -<pgid>`; Ctrl-C in a terminal does):
+the `deepspeed` command itself does not forward SIGTERM on one node (its child, deepspeed.launcher.launch, forwards it
+to the ranks and kills them 30 s later). Running the same
 command again resumes from the newest complete checkpoint in --output_dir at the next unseen sample, with the RNG
 states restored (same world size; --no_resume starts over).
 
@@ -174,6 +176,12 @@ def main(argv=None):
     dist.barrier()
     dataset = PretrainDataset(open_store(args.data or ensure_default_data()), tokenizer, seed=args.seed,
                               drop_masked_loss_on_negatives=args.drop_masked_loss_on_negatives)
+    micro = ds_config["train_micro_batch_size_per_gpu"]
+    if len(dataset) < micro * world_size:  # every rank sees the same sizes: all return here
+        if rank == 0:
+            print(f"pretrain.py: error: {args.data or 'the built-in data'} has {len(dataset)} samples, fewer than one "
+                  f"micro batch per rank ({micro} x {world_size} ranks)", file=sys.stderr)
+        return 2
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model_class = ARCHITECTURES[args.architecture]
@@ -191,7 +199,7 @@ def main(argv=None):
         export.load_state_dict(fp32_weights(engine, args.output_dir))
         export.save_pretrained(final)
         print(f"pretrain.py: done, {engine.global_steps} steps; weights in {final}")
-    dist.barrier()
+    # No collective after training: the other ranks end while rank 0 exports (a barrier would time out on a long one).
     return 0
 
 
