@@ -37,7 +37,8 @@ weights; an --architecture that contradicts it is an error. Official checkpoints
 
 Stopping and resuming as train/pretrain.py: SIGTERM or SIGINT lets the current optimizer step finish, saves a
 checkpoint on every rank and exits 0; running the same command again resumes from the newest complete checkpoint in
---output_dir at the next unseen sample, with the RNG states restored (same world size; --no_resume starts over).
+--output_dir at the next unseen sample, with the RNG states restored (same world size, seed, data and batch sizes;
+--no_resume starts over, moving the earlier run's checkpoints and logs to output_dir/previous_runs/).
 
 output_dir holds global_step<N>/ (DeepSpeed checkpoints, every --save_interval steps and at the end; the last
 --keep_last kept), `latest`, metrics.jsonl (one line per log step: step, samples, epoch, lr, loss, train_metric (the

@@ -61,7 +61,8 @@ def add_run_arguments(parser, output_dir):
                         help="op backend (default: triton on a GPU, torch on the CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no_resume", dest="resume", action="store_false",
-                        help="start fresh even if output_dir holds a checkpoint (default: resume from the latest)")
+                        help="start fresh even if output_dir holds a checkpoint, moving the earlier run's checkpoints "
+                             "and logs to output_dir/previous_runs/ (default: resume from the latest)")
     parser.add_argument("--log_interval", type=int, default=10, help="optimizer steps per metrics line")
     parser.add_argument("--save_interval", type=int, default=1000, help="optimizer steps between checkpoints")
     parser.add_argument("--keep_last", type=int, default=2, help="checkpoints kept in output_dir")

@@ -29,7 +29,8 @@ rank and exits 0. Signal the ranks, or the launcher's process group (`kill -TERM
 the `deepspeed` command itself does not forward SIGTERM on one node (its child, deepspeed.launcher.launch, forwards it
 to the ranks and kills them 30 s later). Running the same
 command again resumes from the newest complete checkpoint in --output_dir at the next unseen sample, with the RNG
-states restored (same world size; --no_resume starts over).
+states restored (same world size, seed, data and batch sizes: another is refused; --no_resume starts over, moving
+the earlier run's checkpoints and logs to output_dir/previous_runs/).
 
 output_dir: global_step<N>/ (DeepSpeed checkpoints; the last --keep_last kept), `latest` (the newest complete one,
 replaced atomically after every rank has written its part), metrics.jsonl, final/ (`save_pretrained` of the fp32
