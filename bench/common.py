@@ -9,6 +9,7 @@ Ceilings, measured in the same run: the copy bandwidth of a 1 GiB device-to-devi
 bf16 matmul rate of an 8192^3 product on random data. Kernel rows give GB/s against the minimal bytes moved and the
 percentage of that copy bandwidth; model rows give MFU against that matmul rate.
 """
+import contextlib
 import datetime
 import json
 import math
@@ -208,6 +209,27 @@ def _matmul_tflops(quick: bool, n: int = 8192) -> float:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Correctness
+
+
+@contextlib.contextmanager
+def poisoned_empty(enabled: bool = True):
+    """For a provider's correctness check: every floating torch.empty comes back full of NaN, so an element a kernel
+    never writes cannot pass the check by inheriting a correct value from the block the caching allocator hands back
+    (another provider's freed output of the same size). Not for torch.compile providers (it would be traced)."""
+    if not enabled:
+        yield
+        return
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = empty
+    try:
+        yield
+    finally:
+        torch.empty = real_empty
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor, row_mask: Optional[torch.Tensor] = None) -> float:

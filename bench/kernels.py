@@ -603,7 +603,8 @@ def run_provider(provider: Provider, case: Case, inputs: Inputs, truth, verdicts
     note = None
     try:
         if key not in verdicts:
-            verdicts[key] = check(Runner(provider, case.without_dropout(), inputs, 0.0), *truth, dtype)
+            with common.poisoned_empty(not provider.compiled):
+                verdicts[key] = check(Runner(provider, case.without_dropout(), inputs, 0.0), *truth, dtype)
         correct, summary = verdicts[key]
         runner = Runner(provider, case, inputs, case.dropout_p)
         if correct and case.dropout_p > 0:

@@ -98,6 +98,27 @@ def test_wrong_provider_is_reported_wrong_and_not_timed(tmp_path):
     assert reference and all(r["correct"] is True and r["ms_p50"] > 0 for r in reference)
 
 
+class ReadsUninitialized(kernels.Reference):
+    """The reference plus 0 x torch.empty(...): right wherever fresh memory holds numbers, which a kernel that skips
+    some outputs could rely on by luck (the caching allocator hands back another provider's freed output)."""
+    name = "uninitialized"
+
+    def attention(self, q, k, v, q_lens, kv_lens, dropout_p):
+        out = super().attention(q, k, v, q_lens, kv_lens, dropout_p)
+        return out + 0 * torch.empty(out.shape, dtype=out.dtype, device=out.device)
+
+
+@cpu_only
+def test_check_poisons_fresh_memory(tmp_path):
+    empty = torch.empty
+    results = common.Results("kernels", tmp_path, {"device": "cpu"}, {})
+    options = common.Options(quick=True, providers=["uninitialized"], extra_providers=[ReadsUninitialized()])
+    kernels.run(results, options, common.Budget(None), {})
+    rows = [r for r in results.rows if r["provider"] == "uninitialized" and r["op"] == "attention"]
+    assert rows and all(r["correct"] is False for r in rows)
+    assert torch.empty is empty  # restored after the checks
+
+
 class PackedReference(kernels.Provider):
     """The reference behind the packed (total_tokens, H, D) layout that flash_attn and xformers take."""
     name = "packed"
