@@ -380,6 +380,16 @@ def test_bad_data_path_through_the_launcher(tmp_path):
         f"pretrain.py: error: --data {str(tmp_path / 'nope')!r} does not exist"]
 
 
+@pytest.mark.distributed
+def test_data_smaller_than_a_micro_batch_per_rank(tmp_path):
+    write_synthetic(tmp_path / "six", num_images=6)  # 2 ranks x micro batch 4 = 8 samples per step
+    process = launch(2, tmp_path / "out", "--deepspeed_config", ds_config(tmp_path), "--data", str(tmp_path / "six"))
+    output, _ = process.communicate(timeout=RUN_TIMEOUT)
+    assert process.returncode == 2
+    assert [line for line in output.splitlines() if "error:" in line] == [
+        f"pretrain.py: error: {tmp_path / 'six'} has 6 samples, fewer than one micro batch per rank (4 x 2 ranks)"]
+
+
 def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     """`latest` moves to a new tag only after the save returned everywhere; old tags go only after that."""
     monkeypatch.setattr(loop, "dist", types.SimpleNamespace(
