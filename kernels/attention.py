@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from .kernel_spec import KernelSpec
-from .launch import draw_seed
+from .launch import device_of, draw_seed
 from .philox import philox_keep
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): the kernels work in base 2
@@ -480,7 +480,8 @@ def _attention_forward(directions, lens_a, lens_b, dropout_p, softmax_scale, see
     max_lq = max(d[0].shape[1] for d in directions)
     grid = (batch * num_heads, triton.cdiv(max_lq, config["BLOCK_M"]), len(directions))
     # Plain attention passes direction 0's pointers twice; the grid never runs direction 1.
-    _attention_fwd_kernel[grid](*pointers[0], *pointers[-1], *args, **meta, **config)
+    with device_of(q):
+        _attention_fwd_kernel[grid](*pointers[0], *pointers[-1], *args, **meta, **config)
     return outs, lses
 
 
@@ -500,7 +501,8 @@ def _attention_backward(directions, outs, lses, douts, lens_a, lens_b, dropout_p
     max_lk = max(d[1].shape[1] for d in directions)
     fused_dq = max_lk <= config["BLOCK_N"]
     grid = (batch * num_heads, triton.cdiv(max_lk, config["BLOCK_N"]), len(directions))
-    _attention_bwd_dkdv_kernel[grid](*pointers[0], *pointers[-1], *args, **meta, **config, FUSED_DQ=fused_dq)
+    with device_of(q):
+        _attention_bwd_dkdv_kernel[grid](*pointers[0], *pointers[-1], *args, **meta, **config, FUSED_DQ=fused_dq)
     if fused_dq:
         return grads
 
@@ -508,7 +510,8 @@ def _attention_backward(directions, outs, lses, douts, lens_a, lens_b, dropout_p
     pointers = [[*d, o, lse, do, dq] for d, o, lse, do, (dq, _, _) in zip(directions, outs, lses, douts, grads)]
     max_lq = max(d[0].shape[1] for d in directions)
     grid = (batch * num_heads, triton.cdiv(max_lq, config["BLOCK_M"]), len(directions))
-    _attention_bwd_dq_kernel[grid](*pointers[0], *pointers[-1], *args, **meta, **config)
+    with device_of(q):
+        _attention_bwd_dq_kernel[grid](*pointers[0], *pointers[-1], *args, **meta, **config)
     return grads
 
 

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .kernel_spec import KernelSpec
-from .launch import as_rows, max_partial_sum_programs
+from .launch import as_rows, device_of, max_partial_sum_programs
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -108,8 +108,9 @@ def _launch_bias_gelu_fwd(x, bias):
     y = torch.empty((N, C), dtype=x.dtype, device=x.device)
     BLOCK_C, BLOCK_ROWS, num_warps = _launch_config(C)
     if N > 0:
-        _bias_gelu_fwd_kernel[(triton.cdiv(N, BLOCK_ROWS), triton.cdiv(C, BLOCK_C))](
-            x, bias, y, x.stride(0), N, C, BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=BLOCK_C, num_warps=num_warps)
+        with device_of(x):
+            _bias_gelu_fwd_kernel[(triton.cdiv(N, BLOCK_ROWS), triton.cdiv(C, BLOCK_C))](
+                x, bias, y, x.stride(0), N, C, BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=BLOCK_C, num_warps=num_warps)
     return y
 
 
@@ -121,9 +122,10 @@ def _launch_bias_gelu_bwd(dy, x, bias):
     dx = torch.empty((N, C), dtype=x.dtype, device=x.device)
     dbias_partial = torch.empty((num_row_programs, C), dtype=torch.float32, device=x.device)
     if num_row_programs > 0:
-        _bias_gelu_bwd_kernel[(num_row_programs, triton.cdiv(C, BLOCK_C))](
-            dy, x, bias, dx, dbias_partial, dy.stride(0), x.stride(0), N, C,
-            BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=BLOCK_C, num_warps=num_warps)
+        with device_of(x):
+            _bias_gelu_bwd_kernel[(num_row_programs, triton.cdiv(C, BLOCK_C))](
+                dy, x, bias, dx, dbias_partial, dy.stride(0), x.stride(0), N, C,
+                BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=BLOCK_C, num_warps=num_warps)
     return dx, dbias_partial.sum(0)  # (C,); a 0-program sum gives zeros
 
 

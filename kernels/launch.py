@@ -1,4 +1,5 @@
 """Small helpers shared by the ops' launchers."""
+import contextlib
 import functools
 
 import torch
@@ -9,6 +10,12 @@ def as_rows(t: torch.Tensor, C: int) -> torch.Tensor:
     if t.stride(-1) != 1:
         t = t.contiguous()
     return t.reshape(-1, C)  # (N, C)
+
+
+def device_of(t: torch.Tensor):
+    """Context for a kernel launch on t's tensors: Triton launches on the current CUDA device, which need not be t's
+    (a model on cuda:1 in a process whose current device is cuda:0). Nothing to do off CUDA (the interpreter)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 @functools.lru_cache(maxsize=None)

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from .kernel_spec import KernelSpec
-from .launch import as_rows, draw_seed, max_partial_sum_programs
+from .launch import as_rows, device_of, draw_seed, max_partial_sum_programs
 from .philox import philox_keep
 
 MAX_C = 8192  # the forward holds a whole row in registers; wider rows would spill
@@ -246,12 +246,13 @@ def _launch_layer_norm_fwd(x, weight, bias, eps, residual, dropout_p, seed):
     rstd = torch.empty((N,), dtype=torch.float32, device=x.device)
     BLOCK_C, BLOCK_ROWS, num_warps, _ = _launch_config(C)
     if N > 0:
-        _layer_norm_fwd_kernel[(triton.cdiv(N, BLOCK_ROWS),)](
-            x, x if residual is None else residual, weight, bias, y, z, mean, rstd,
-            x.stride(0), 0 if residual is None else residual.stride(0),
-            N, C, eps, dropout_p, seed,
-            HAS_RESIDUAL=residual is not None, HAS_DROPOUT=dropout_p > 0.0, STORE_Z=store_z,
-            BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=BLOCK_C, num_warps=num_warps)
+        with device_of(x):
+            _layer_norm_fwd_kernel[(triton.cdiv(N, BLOCK_ROWS),)](
+                x, x if residual is None else residual, weight, bias, y, z, mean, rstd,
+                x.stride(0), 0 if residual is None else residual.stride(0),
+                N, C, eps, dropout_p, seed,
+                HAS_RESIDUAL=residual is not None, HAS_DROPOUT=dropout_p > 0.0, STORE_Z=store_z,
+                BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=BLOCK_C, num_warps=num_warps)
     return y, z, mean, rstd
 
 
@@ -265,12 +266,13 @@ def _launch_layer_norm_bwd(dy, z, weight, mean, rstd, has_residual, dropout_p, s
     dw_partial = torch.empty((num_programs, C), dtype=torch.float32, device=z.device)
     db_partial = torch.empty((num_programs, C), dtype=torch.float32, device=z.device)
     if num_programs > 0:
-        _layer_norm_bwd_kernel[(num_programs,)](
-            dy, z, weight, mean, rstd, dx, dx if dresidual is None else dresidual, dw_partial, db_partial,
-            dy.stride(0), z.stride(0),
-            N, C, dropout_p, seed,
-            HAS_RESIDUAL=has_residual, HAS_DROPOUT=dropout_p > 0.0,
-            BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=BLOCK_C, TILE_C=TILE_C, num_warps=num_warps)
+        with device_of(z):
+            _layer_norm_bwd_kernel[(num_programs,)](
+                dy, z, weight, mean, rstd, dx, dx if dresidual is None else dresidual, dw_partial, db_partial,
+                dy.stride(0), z.stride(0),
+                N, C, dropout_p, seed,
+                HAS_RESIDUAL=has_residual, HAS_DROPOUT=dropout_p > 0.0,
+                BLOCK_ROWS=BLOCK_ROWS, BLOCK_C=BLOCK_C, TILE_C=TILE_C, num_warps=num_warps)
     return dx, dresidual, dw_partial.sum(0), db_partial.sum(0)  # (C,) each; a 0-program sum gives zeros
 
 

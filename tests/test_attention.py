@@ -630,3 +630,30 @@ def test_gpu_tf32_is_as_accurate_as_torchs(T, V, D, seed):
         errors, scale = _max_errors(kernel, inputs, grad_outs, torch_co_attention)
     exact, _ = _max_errors(kernel, inputs, grad_outs, torch_co_attention)
     assert max(errors) > 1e-5 * scale > max(exact), (errors, exact, scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_gpu_kernels_launch_on_their_tensors_device(seed):
+    """Tensors on cuda:1 while cuda:0 is current (Triton launches on the current device unless told otherwise):
+    attention, LayerNorm and bias + GELU, forward and backward, give the reference's numbers."""
+    dev = torch.device("cuda:1")
+    with torch.cuda.device(0):
+        q, k, v = (torch.randn(3, 37, 4, 64, device=dev, requires_grad=True) for _ in range(3))
+        x, residual = (torch.randn(5, 768, device=dev, requires_grad=True) for _ in range(2))
+        weight, bias = (torch.randn(768, device=dev, requires_grad=True) for _ in range(2))
+        lens = torch.tensor([37, 20, 1], device=dev)
+        ops = [(vilbert_kernels.attention, reference.attention, (q, k, v, lens, lens)),
+               (vilbert_kernels.layer_norm, reference.layer_norm, (x, weight, bias, 1e-12, residual)),
+               (vilbert_kernels.bias_gelu, reference.bias_gelu, (x, bias))]
+        for ours, theirs, args in ops:
+            leaves = [a for a in args if torch.is_tensor(a) and a.requires_grad]
+            results = []
+            for op in (ours, theirs):
+                out = op(*args)
+                results.append((out, torch.autograd.grad(out, leaves, torch.ones_like(out))))
+            (out, grads), (ref_out, ref_grads) = results
+            assert out.device == dev and torch.cuda.current_device() == 0
+            torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+            for g, r in zip(grads, ref_grads):
+                torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
