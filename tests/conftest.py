@@ -14,6 +14,8 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
+from numerics import poisoned_empty  # noqa: E402
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
@@ -50,12 +52,7 @@ def seed(request):
 
 
 @pytest.fixture
-def poison_empty(monkeypatch):
+def poison_empty():
     """Every floating torch.empty comes back full of NaN, so a value a kernel fails to write shows up."""
-    real_empty = torch.empty
-
-    def poisoned_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    with poisoned_empty():
+        yield

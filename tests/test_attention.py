@@ -13,6 +13,8 @@ import torch
 import vilbert_kernels
 from vilbert_kernels import attention, co_attention, reference
 
+from numerics import poisoned_empty
+
 # The module (the package attribute `attention` is the function).
 attention_impl = sys.modules["vilbert_kernels.attention"]
 
@@ -20,22 +22,6 @@ attention_impl = sys.modules["vilbert_kernels.attention"]
 # ----------------------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def poisoned_empty():
-    """torch.empty returns NaN-filled floating tensors (the kernels' outputs, LSE and gradients are torch.empty)."""
-    original = torch.empty
-
-    def empty(*args, **kwargs):
-        t = original(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    torch.empty = empty
-    try:
-        yield
-    finally:
-        torch.empty = original
-
 
 def lens_tensor(values, device):
     return None if values is None else torch.tensor(values, dtype=torch.int64, device=device)
