@@ -59,7 +59,7 @@ def _valid_len(LENS, b, L, HAS_LENS: tl.constexpr):
     """Number of real positions of sample b: LENS[b] clamped to [0, L] (int32); L when there is no LENS."""
     n = L
     if HAS_LENS:
-        n = tl.minimum(tl.maximum(tl.load(LENS + b).to(tl.int32), 0), L)
+        n = tl.minimum(tl.maximum(tl.load(LENS + b), 0), L).to(tl.int32)  # clamped before the cast: int64 lens
     return n
 
 
@@ -489,7 +489,7 @@ def _attention_backward(directions, outs, lses, douts, lens_a, lens_b, dropout_p
     """Gradients (dq, dk, dv) per direction: one dK/dV launch and one dQ launch cover every direction, or the dK/dV
     launch alone when one key block holds every key (ViLBERT's lengths in fp16/bf16): it then computes dQ too."""
     directions = [tuple(_aligned(t) for t in d) for d in directions]
-    douts = [_aligned(do) for do in douts]
+    douts = [do.contiguous() for do in douts]  # the kernels read dO with out's (contiguous) layout
     q, _, _ = directions[0]
     batch, _, num_heads, _ = q.shape
     grads = [tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in d) for d in directions]
@@ -629,6 +629,7 @@ co_attention_forward.register_autograd(_co_attention_autograd, setup_context=_co
 # ----------------------------------------------------------------------------------------------------------------------
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_FP32_MAX = torch.finfo(torch.float32).max
 
 
 def _autocast(tensors):
@@ -636,7 +637,7 @@ def _autocast(tensors):
     if not all(isinstance(t, torch.Tensor) for t in tensors):
         return tensors  # the checks that follow name the culprit
     device_type = tensors[0].device.type
-    if torch.is_autocast_enabled(device_type):
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):  # (meta tensors have no autocast)
         dtype = torch.get_autocast_dtype(device_type)
         return [t.to(dtype) if t.is_floating_point() else t for t in tensors]
     return tensors
@@ -698,8 +699,11 @@ def _check_dropout_and_scale(dropout_p, softmax_scale, head_dim: int) -> Tuple[f
         return float(dropout_p), 1.0 / math.sqrt(head_dim)
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
         raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
-        raise ValueError(f"softmax_scale must be a finite positive float, got {softmax_scale}")
+    # Comparisons only (no math.isfinite): a symbolic float under torch.compile supports them. The kernels take the
+    # scale as fp32, so it must be one.
+    if not 0 < softmax_scale <= _FP32_MAX:
+        raise ValueError(f"softmax_scale must be a positive float32 number (at most {_FP32_MAX:.3e}), "
+                         f"got {softmax_scale}")
     return float(dropout_p), float(softmax_scale)
 
 

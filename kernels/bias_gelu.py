@@ -174,7 +174,8 @@ bias_gelu_fwd.register_autograd(_bias_gelu_backward, setup_context=_bias_gelu_se
 
 def _autocast(x):
     """Under torch.autocast, x in the autocast dtype (bias stays as it is)."""
-    if isinstance(x, torch.Tensor) and x.dtype in SUPPORTED_DTYPES and torch.is_autocast_enabled(x.device.type):
+    if (isinstance(x, torch.Tensor) and x.dtype in SUPPORTED_DTYPES and x.device.type != "meta"
+            and torch.is_autocast_enabled(x.device.type)):  # (meta tensors have no autocast)
         x = x.to(torch.get_autocast_dtype(x.device.type))
     return x
 

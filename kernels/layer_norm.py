@@ -351,7 +351,7 @@ layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_norm
 
 def _autocast(x, residual):
     """Under torch.autocast, x and residual in the autocast dtype (before validation: they may differ until then)."""
-    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+    if isinstance(x, torch.Tensor) and x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, residual = (t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in SUPPORTED_DTYPES else t
                        for t in (x, residual))

@@ -195,6 +195,24 @@ def test_softmax_scale_and_lengths_above_seqlen(device, tiles, seed):
     clamped = attention(q, k, v, lens_tensor([Lq + 3, 99], device), lens_tensor([Lk, Lk + 1], device),
                         softmax_scale=0.3)
     torch.testing.assert_close(clamped, out, rtol=0, atol=0)
+    # int64 lengths beyond int32 are clamped as lengths, not wrapped by a cast (2**31 -> negative, 2**32 + 3 -> 3).
+    huge = torch.tensor([2**31, 2**32 + 3], device=device)
+    torch.testing.assert_close(attention(q, k, v, huge, huge, softmax_scale=0.3), out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["heads-first", "expanded"])
+def test_backward_reads_any_layout_of_the_output_gradient(device, seed, layout):
+    """dO comes in whatever layout the consumer's backward makes: heads-first for out.transpose(1, 2), stride 0 for
+    out.sum(1). The kernels read it as out's layout, so it must be made so."""
+    B, Lq, Lk, H, D = 2, 5, 7, 2, 16
+    q, k, v = (torch.randn(B, L, H, D, device=device) for L in (Lq, Lk, Lk))
+    q_lens, kv_lens = lens_tensor([5, 3], device), lens_tensor([7, 2], device)
+    grad_out = (torch.randn(B, H, Lq, D, device=device).transpose(1, 2) if layout == "heads-first"
+                else torch.randn(B, 1, H, D, device=device).expand(B, Lq, H, D))
+    _, grads = run_with_grads(lambda q, k, v: attention(q, k, v, q_lens, kv_lens), (q, k, v), grad_out)
+    _, ref_grads = run_with_grads_reference(q, k, v, q_lens, kv_lens, grad_out)
+    for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_rel_close(g, rg, 1e-4, name)
 
 
 def test_fused_qkv_slices_are_read_in_place(device, seed):
@@ -382,7 +400,9 @@ def _inputs(**overrides):
     (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
     (dict(dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\)"),
     (dict(dropout_p="0.1"), TypeError, "dropout_p must be a float"),
-    (dict(softmax_scale=0.0), ValueError, "softmax_scale must be a finite positive float"),
+    (dict(softmax_scale=0.0), ValueError, "softmax_scale must be a positive float32 number"),
+    (dict(softmax_scale=float("nan")), ValueError, "softmax_scale must be a positive float32 number"),
+    (dict(softmax_scale=1e39), ValueError, "softmax_scale must be a positive float32 number"),
 ])
 def test_bad_inputs_name_the_argument(overrides, error, match):
     with pytest.raises(error, match=match):
@@ -425,6 +445,23 @@ def test_torch_compile_fullgraph_matches_eager(device, seed):
     ref_outs, ref_grads = run_with_grads(step, inputs, grad_outs)
     for got, expected in zip(outs + grads, ref_outs + ref_grads):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_torch_compile_takes_softmax_scale_as_a_symbolic_float(device, seed):
+    """With dynamic=True a Python float argument is symbolic: the checks must not need its value (math.isfinite)."""
+    q, k, v = (torch.randn(2, L, 2, 16, device=device) for L in (5, 7, 7))
+    compiled = torch.compile(lambda q, k, v, scale: attention(q, k, v, softmax_scale=scale), backend="aot_eager",
+                             fullgraph=True, dynamic=True)
+    for scale in (0.25, 0.3):
+        torch.testing.assert_close(compiled(q, k, v, scale), attention(q, k, v, softmax_scale=scale), rtol=0, atol=0)
+
+
+def test_meta_tensors_give_shapes(seed):
+    """Shape inference on the meta device (as the reference allows), forward and backward."""
+    q, k, v = (torch.randn(2, L, 2, 16, device="meta", requires_grad=True) for L in (5, 7, 7))
+    out = attention(q, k, v, dropout_p=0.1)
+    assert out.shape == q.shape and out.device.type == "meta"
+    assert [g.shape for g in torch.autograd.grad(out.sum(), (q, k, v))] == [q.shape, k.shape, v.shape]
 
 
 def test_registered_ops_pass_opcheck(device, seed):
