@@ -234,3 +234,17 @@ def test_load_bert_errors(tmp_path):
     torch.save(hf_bert_state_dict(tiny(vocab_size=99), old_names=False), tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match=r"'bert.embeddings.word_embeddings.weight' has shape \(99, 32\)"):
         ViLBERTForPretraining(tiny()).load_bert(tmp_path)
+    # A shallower BERT, or another model type's names: the text stream would stay (partly) random.
+    config = tiny()
+    shallow = ViLBERTConfig.from_dict({**config.to_dict(), "num_hidden_layers": config.num_hidden_layers - 1,
+                                       "t_biattention_id": [i - 1 for i in config.t_biattention_id]})
+    torch.save(hf_bert_state_dict(shallow, old_names=False), tmp_path / "pytorch_model.bin")
+    model = ViLBERTForPretraining(config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"partly random: \['bert.encoder.layer.{config.num_hidden_layers - 1}\."):
+        model.load_bert(tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing half-loaded
+    roberta = {k.replace("bert.", "roberta.", 1): v for k, v in hf_bert_state_dict(config, old_names=False).items()}
+    torch.save(roberta, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="partly random"):
+        ViLBERTForPretraining(config).load_bert(tmp_path)

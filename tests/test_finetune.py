@@ -194,6 +194,15 @@ def test_load_task_model_official_state_dict(tmp_path):
         load_task_model("retrieval", str(tmp_path / "bad.bin"), config)
     with pytest.raises(ValueError, match="holds no retrieval head"):  # a pretraining checkpoint has no vil_logit
         load_task_model("retrieval", str(tmp_path / "pytorch_model.bin"), config, require_head=True)
+    # A deeper checkpoint than the config, or vilbert-multi-task's task tokens: tensors with no place are an error.
+    deeper = ViLBERTConfig.preset("tiny", num_hidden_layers=config.num_hidden_layers + 1)
+    torch.save(ViLBERTForPretraining(deeper).to_official_state_dict(), tmp_path / "deeper.bin")
+    with pytest.raises(ValueError, match=r"has no place for: \['bert.encoder.layer"):
+        load_task_model("retrieval", str(tmp_path / "deeper.bin"), config)
+    task_tokens = {**source.to_official_state_dict(), "bert.embeddings.task_embeddings.weight": torch.zeros(20, 32)}
+    torch.save(task_tokens, tmp_path / "multi_task.bin")
+    with pytest.raises(ValueError, match="task_embeddings"):
+        load_task_model("retrieval", str(tmp_path / "multi_task.bin"), config)
 
 
 def test_score_all_pairs_matches_one_pair_at_a_time(tasks_dir):

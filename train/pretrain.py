@@ -188,7 +188,14 @@ def main(argv=None):
     model_class = ARCHITECTURES[args.architecture]
     model = model_class(config, backend=args.backend)
     if args.init_bert:
-        model.load_bert(args.init_bert)
+        try:
+            report = model.load_bert(args.init_bert)
+        except (ValueError, FileNotFoundError) as e:  # the same on every rank: all return here
+            if rank == 0:
+                print(f"pretrain.py: error: --init_bert: {e}", file=sys.stderr)
+            return 2
+        if rank == 0:
+            print(f"pretrain.py: text stream from {args.init_bert}: {report}", flush=True)
     engine, finished = train(args, model, dataset, PretrainCollator(), ds_config,
                              functools.partial(pretraining_step, config=config, architecture=args.architecture),
                              summarize)

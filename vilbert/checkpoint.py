@@ -28,6 +28,7 @@ WEIGHTS_NAME = "model.safetensors"
 DEAD_OFFICIAL_KEY = re.compile(r"\.biOutput\.q_dense[12]\.")
 # Hugging Face BERT keys without the `bert.` prefix (a bare BertModel) start with these.
 _BERT_MODULES = ("embeddings.", "encoder.", "pooler.")
+_TEXT_STREAM = re.compile(r"(bert\.)?(embeddings|encoder\.layer)\.")  # what load_bert must fill (our names)
 
 
 @dataclasses.dataclass
@@ -127,8 +128,9 @@ class CheckpointMixin:
     def load_bert(self, bert_dir) -> LoadReport:
         """Initialise the text stream (and the MLM head where the model has one) from a Hugging Face BERT checkpoint
         directory (pytorch_model.bin or model.safetensors). Old names (LayerNorm gamma/beta) are renamed, a missing
-        `bert.` prefix is added. Non-strict: returns what was loaded, what the model kept, and what BERT had extra
-        (its pooler and next-sentence head: ViLBERT's poolers have other sizes). A shape mismatch is an error."""
+        `bert.` prefix is added. Returns what was loaded, what the model kept, and what BERT had extra (its pooler and
+        next-sentence head: ViLBERT's poolers have other sizes). A shape mismatch is an error, and so is a text
+        stream (embeddings, text layers) the checkpoint does not fill: another model type, or fewer layers."""
         if not Path(bert_dir).is_dir():
             raise FileNotFoundError(f"BERT checkpoint directory not found: {bert_dir}")
         mapped, unexpected = {}, []
@@ -143,6 +145,12 @@ class CheckpointMixin:
                 continue
             _check_shape(key, value, ours, targets[ours])
             mapped[ours] = (key, value)
+        unfilled = [name for name in targets if _TEXT_STREAM.match(name) and name not in mapped]
+        if unfilled:
+            raise ValueError(f"BERT checkpoint {bert_dir} leaves the text stream partly random: {unfilled[:5]} "
+                             f"({len(unfilled)} in all) not loaded; it holds {len(mapped)} of the model's tensors and "
+                             f"{len(unexpected)} it has no place for (e.g. {unexpected[:3]}); expected a BERT with the "
+                             f"config's {self.config.num_hidden_layers} layers")
         missing = _assign(self, mapped, strict=False, unexpected=unexpected, what="BERT")
         return LoadReport([key for key, _ in mapped.values()], missing, unexpected)
 

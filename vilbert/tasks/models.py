@@ -119,6 +119,13 @@ def load_task_model(task: str, init: Optional[str], config: Optional[ViLBERTConf
     if encoder_missing:
         raise ValueError(f"{init} does not fit the {task} model's encoder: missing {encoder_missing[:5]} "
                          f"({len(encoder_missing)} in all); {report}")
+    # Encoder tensors with no place in the model: a deeper checkpoint than the config, or vilbert-multi-task's task
+    # tokens. Dropping them would run another network than the one trained.
+    encoder_extra = [k for k in report.unexpected if k.startswith(ENCODER_PREFIX)]
+    if encoder_extra:
+        raise ValueError(f"{init} holds encoder tensors the {task} model built from its config has no place for: "
+                         f"{encoder_extra[:5]} ({len(encoder_extra)} in all); pass the checkpoint's own config "
+                         "(layers, co-layers); vilbert-multi-task's task embeddings are not supported")
     if require_head and any(k.startswith(TASK_HEADS[task]) for k in report.missing):
         raise ValueError(f"{init} holds no {task} head ({TASK_HEADS[task]}*): pass a checkpoint fine-tuned on it")
     return model
