@@ -2,6 +2,7 @@
 backward, triton == torch, padding invariance, losses, task heads, the single-stream baseline, input errors."""
 import dataclasses
 import re
+import types
 from pathlib import Path
 
 import pytest
@@ -390,3 +391,29 @@ def test_too_long_text_and_half_given_region_labels():
     del batch["region_mask"]
     with pytest.raises(ValueError, match="region_mask"):
         model(**batch)
+
+
+def test_co_attention_drops_each_direction_at_its_official_rate(monkeypatch):
+    """Text queries over image keys at v_attention_probs_dropout_prob, image queries over text keys at
+    attention_probs_dropout_prob (the official dropout1 / dropout2); one co_attention call when the two agree."""
+    from vilbert_kernels import reference
+    calls = []
+
+    def recording(name):
+        def op(*args):
+            calls.append((name, args[0].shape[1], args[-1]))  # (op, query length, dropout_p)
+            return getattr(reference, name)(*args)
+        return op
+
+    monkeypatch.setattr(ops, "get", lambda backend: types.SimpleNamespace(
+        attention=recording("attention"), co_attention=recording("co_attention"), layer_norm=reference.layer_norm,
+        bias_gelu=reference.bias_gelu))
+    T, V = 4, 5
+    for text_p, image_p, expected in ((0.3, 0.1, [("attention", T, 0.3), ("attention", V, 0.1)]),
+                                      (0.2, 0.2, [("co_attention", T, 0.2)])):
+        config = dataclasses.replace(ViLBERTConfig.preset("tiny"), v_attention_probs_dropout_prob=text_p,
+                                     attention_probs_dropout_prob=image_p)
+        layer = ViLBERTModel(config).encoder.c_layer[0].biattention.train()
+        calls.clear()
+        layer(torch.randn(2, V, config.v_hidden_size), None, torch.randn(2, T, config.hidden_size), None)
+        assert calls == expected

@@ -37,7 +37,9 @@ class ViLBERTConfig:
     v_num_attention_heads: int = 8
     v_intermediate_size: int = 1024          # width of the visual FFN (also the visual FFN of every co-layer)
     v_hidden_dropout_prob: float = 0.1
-    v_attention_probs_dropout_prob: float = 0.1  # also the co-attention probabilities' dropout (both directions)
+    # Also co-attention's: text queries over image keys drop at v_attention_probs_dropout_prob, image queries over
+    # text keys at attention_probs_dropout_prob (as the official BertBiAttention's dropout1 / dropout2).
+    v_attention_probs_dropout_prob: float = 0.1
     # Co-attention: co-layer i runs after the text layers [.., t_biattention_id[i]) and the visual layers
     # [.., v_biattention_id[i]) have run (ids are exclusive ends; the rest of each stream runs after the last co-layer).
     bi_hidden_size: int = 1024               # co-attention width; also the pooled vectors' size

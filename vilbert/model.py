@@ -156,9 +156,17 @@ class BiAttention(nn.Module):
         H, D = self.num_heads, self.config.bi_hidden_size // self.num_heads
         image_q, image_k, image_v = (p(image).view(B, V, H, D) for p in (self.query1, self.key1, self.value1))
         text_q, text_k, text_v = (p(text).view(B, T, H, D) for p in (self.query2, self.key2, self.value2))
-        dropout_p = self.config.v_attention_probs_dropout_prob if self.training else 0.0
-        text_ctx, image_ctx = ops.get(self.config.backend).co_attention(
-            text_q, text_k, text_v, image_q, image_k, image_v, text_lens, image_lens, dropout_p)
+        # As the official: text queries' probabilities over image keys drop at v_attention_probs_dropout_prob, image
+        # queries' over text keys at attention_probs_dropout_prob. One launch when they agree (every official config).
+        text_p, image_p = ((self.config.v_attention_probs_dropout_prob, self.config.attention_probs_dropout_prob)
+                           if self.training else (0.0, 0.0))
+        backend = ops.get(self.config.backend)
+        if text_p == image_p:
+            text_ctx, image_ctx = backend.co_attention(text_q, text_k, text_v, image_q, image_k, image_v, text_lens,
+                                                       image_lens, text_p)
+        else:
+            text_ctx = backend.attention(text_q, image_k, image_v, text_lens, image_lens, text_p)
+            image_ctx = backend.attention(image_q, text_k, text_v, image_lens, text_lens, image_p)
         return text_ctx.reshape(B, T, H * D), image_ctx.reshape(B, V, H * D)  # (B, T, bi), (B, V, bi)
 
 
