@@ -404,19 +404,25 @@ int main(void) {
   /* q as a slice of a fused (B, L, 3, H, D) projection; k, v contiguous */
   printf("status %d\n", vk_attention_forward(VK_BFLOAT16, 2, 100, 10, 3, 128, t(0x10000, 100 * 1152, 1152, 128),
          t(0x20000, 3840, 384, 128), t(0x30000, 3840, 384, 128), 0x40000, 0x50000, 0x60000, 0x70000, 0.125f, s));
-  printf("status %d\n", vk_attention_forward(VK_FLOAT16, 2, 20, 32, 3, 64, t(0x10000, 1, 2, 3),
-         t(0x20000, 4, 5, 6), t(0x30000, 7, 8, 9), 0x40000, 0x50000, 0x60000, 0x70000, 0.125f, s));
-  printf("status %d\n", vk_co_attention_forward(VK_FLOAT16, 4, 36, 37, 8, 64, t(0x1000, 11, 12, 13),
-         t(0x2000, 14, 15, 16), t(0x3000, 17, 18, 19), t(0x4000, 21, 22, 23), t(0x5000, 24, 25, 26),
-         t(0x6000, 27, 28, 29), 0x7000, 0x8000, 0x9000, 0xa000, 0xb000, 0xc000, 0.5f, s));
-  printf("status %d\n", vk_attention_forward(VK_FLOAT32, 2, 20, 32, 3, 64, t(0x10000, 1, 2, 3),
-         t(0x20000, 4, 5, 6), t(0x30000, 7, 8, 9), 0x40000, 0x50000, 0x60000, 0x70000, 0.125f, s));
-  printf("status %d\n", vk_attention_forward(VK_FLOAT16, 2, 20, 32, 3, 96, t(0x10000, 1, 2, 3),
-         t(0x20000, 4, 5, 6), t(0x30000, 7, 8, 9), 0x40000, 0x50000, 0x60000, 0x70000, 0.125f, s));
-  printf("status %d\n", vk_attention_forward(VK_FLOAT16, 2, 20, 32, 3, 64, t(0x10000, 1, 2, 3),
-         t(0x20000, 4, 5, 6), t(0x30000, 7, 8, 9), 0x40000, 0x50000, 0, 0x70000, 0.125f, s));
-  printf("status %d\n", vk_attention_forward(VK_FLOAT16, 2, 20, 32, 3, 64, t(0x10000, 1, 2, 3),
-         t(0x20000, 4, 5, 6), t(0x30000, 7, 8, 9), 0x40000, 0x50000, 0x60000, 0x70000, -1.0f, s));
+  printf("status %d\n", vk_attention_forward(VK_FLOAT16, 2, 20, 32, 3, 64, t(0x10000, 8, 16, 24),
+         t(0x20000, 32, 40, 48), t(0x30000, 56, 64, 72), 0x40000, 0x50000, 0x60000, 0x70000, 0.125f, s));
+  printf("status %d\n", vk_co_attention_forward(VK_FLOAT16, 4, 36, 37, 8, 64, t(0x1000, 88, 96, 104),
+         t(0x2000, 112, 120, 128), t(0x3000, 136, 144, 152), t(0x4000, 168, 176, 184), t(0x5000, 192, 200, 208),
+         t(0x6000, 216, 224, 232), 0x7000, 0x8000, 0x9000, 0xa000, 0xb000, 0xc000, 0.5f, s));
+  printf("status %d\n", vk_attention_forward(VK_FLOAT32, 2, 20, 32, 3, 64, t(0x10000, 8, 16, 24),
+         t(0x20000, 32, 40, 48), t(0x30000, 56, 64, 72), 0x40000, 0x50000, 0x60000, 0x70000, 0.125f, s));
+  printf("status %d\n", vk_attention_forward(VK_FLOAT16, 2, 20, 32, 3, 96, t(0x10000, 8, 16, 24),
+         t(0x20000, 32, 40, 48), t(0x30000, 56, 64, 72), 0x40000, 0x50000, 0x60000, 0x70000, 0.125f, s));
+  printf("status %d\n", vk_attention_forward(VK_FLOAT16, 2, 20, 32, 3, 64, t(0x10000, 8, 16, 24),
+         t(0x20000, 32, 40, 48), t(0x30000, 56, 64, 72), 0x40000, 0x50000, 0, 0x70000, 0.125f, s));
+  printf("status %d\n", vk_attention_forward(VK_FLOAT16, 2, 20, 32, 3, 64, t(0x10000, 8, 16, 24),
+         t(0x20000, 32, 40, 48), t(0x30000, 56, 64, 72), 0x40000, 0x50000, 0x60000, 0x70000, -1.0f, s));
+  /* rows not 16-byte aligned: a stride of 260 fp16 elements (520 bytes); a head stride of 68 in image_v */
+  printf("status %d\n", vk_attention_forward(VK_FLOAT16, 2, 20, 32, 3, 64, t(0x10000, 8, 260, 24),
+         t(0x20000, 32, 40, 48), t(0x30000, 56, 64, 72), 0x40000, 0x50000, 0x60000, 0x70000, 0.125f, s));
+  printf("status %d\n", vk_co_attention_forward(VK_FLOAT16, 4, 36, 37, 8, 64, t(0x1000, 88, 96, 104),
+         t(0x2000, 112, 120, 128), t(0x3000, 136, 144, 152), t(0x4000, 168, 176, 184), t(0x5000, 192, 200, 208),
+         t(0x6000, 216, 224, 68), 0x7000, 0x8000, 0x9000, 0xa000, 0xb000, 0xc000, 0.5f, s));
   return 0;
 }
 """
@@ -447,7 +453,8 @@ def test_attention_launchers_against_fake_driver(tmp_path, build_dir, arch):
     stdout = _run_harness(tmp_path, ATTENTION_HARNESS, [str(build_dir / "libvilbert_kernels.a")],
                           _build_fake_driver(tmp_path), params, arch=arch)
     statuses = [int(line.split()[1]) for line in stdout.splitlines() if line.startswith("status")]
-    assert statuses == [VK_SUCCESS] * 3 + [VK_ERROR_UNSUPPORTED] * 2 + [VK_ERROR_INVALID_VALUE] * 2
+    assert statuses == ([VK_SUCCESS] * 3 + [VK_ERROR_UNSUPPORTED] * 2 + [VK_ERROR_INVALID_VALUE] * 2
+                        + [VK_ERROR_MISALIGNED] * 2)
     bf16, fp16, co = _launches(stdout, params)
 
     variant = _expected_variant(manifest, "vk_attention_forward", arch, "bf16", 128, 100, 10)
@@ -481,8 +488,8 @@ def test_attention_launchers_against_fake_driver(tmp_path, build_dir, arch):
     assert (c["Q0"], c["K0"], c["V0"], c["O0"], c["LSE0"]) == (0x1000, 0x5000, 0x6000, 0x7000, 0x9000)
     assert (c["Q1"], c["K1"], c["V1"], c["O1"], c["LSE1"]) == (0x4000, 0x2000, 0x3000, 0x8000, 0xa000)
     assert (c["LENS_A"], c["LENS_B"], c["L_A"], c["L_B"]) == (0xb000, 0xc000, 36, 37)
-    assert [c[f"stride_{n}{d}"] for n in ("q0", "k0", "v0", "q1", "k1", "v1") for d in "blh"] == [
-        11, 12, 13, 24, 25, 26, 27, 28, 29, 21, 22, 23, 14, 15, 16, 17, 18, 19]
+    assert [c[f"stride_{n}{d}"] for n in ("q0", "k0", "v0", "q1", "k1", "v1") for d in "blh"] == [8 * s for s in (
+        11, 12, 13, 24, 25, 26, 27, 28, 29, 21, 22, 23, 14, 15, 16, 17, 18, 19)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

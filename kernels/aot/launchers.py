@@ -39,7 +39,17 @@ _COMMON_CHECKS = """\
   if (batch < 0 || batch > INT32_MAX || nheads < 1 || nheads > INT32_MAX || batch * nheads > INT32_MAX)
     return VK_ERROR_INVALID_VALUE;
   if (!(softmax_scale > 0.0f && softmax_scale <= FLT_MAX)) return VK_ERROR_INVALID_VALUE;
+  const int64_t elem_bytes = dtype == VK_FLOAT32 ? 4 : 2;
 """
+
+
+def _rows_aligned(tensors_and_lengths) -> str:
+    """C check that every input's rows start 16-byte aligned (the Python launcher copies a tensor whose rows do not;
+    here it is the caller's to do)."""
+    tests = " ||\n      ".join(f"!vk_rows_aligned({t}, batch, {length}, nheads, elem_bytes)"
+                               for t, length in tensors_and_lengths)
+    return f"  if ({tests})\n    return VK_ERROR_MISALIGNED;\n"
+
 
 ATTENTION_FORWARD = CLauncher(
     name="vk_attention_forward",
@@ -60,6 +70,7 @@ ATTENTION_FORWARD = CLauncher(
     checks=_COMMON_CHECKS + f"""\
   if (seqlen_q < 1 || seqlen_k < 1) return VK_ERROR_INVALID_VALUE;
   if (!q.data || !k.data || !v.data || !out || !lse || !q_lens || !kv_lens) return VK_ERROR_INVALID_VALUE;
+""" + _rows_aligned([("q", "seqlen_q"), ("k", "seqlen_k"), ("v", "seqlen_k")]) + f"""\
   const int64_t block_m = {_block("seqlen_q")}, block_n = {_block("seqlen_k")};
 """,
 )
@@ -87,6 +98,7 @@ CO_ATTENTION_FORWARD = CLauncher(
   if (!text_q.data || !text_k.data || !text_v.data || !image_q.data || !image_k.data || !image_v.data ||
       !text_out || !image_out || !text_lse || !image_lse || !text_lens || !image_lens)
     return VK_ERROR_INVALID_VALUE;
+""" + _rows_aligned([(f"{stream}_{t}", f"seqlen_{stream}") for stream in ("text", "image") for t in "qkv"]) + f"""\
   /* Both directions share one grid and one tile size: that of the longer sequence. */
   const int64_t max_len = seqlen_text > seqlen_image ? seqlen_text : seqlen_image;
   const int64_t block_m = {_block("max_len")}, block_n = block_m;

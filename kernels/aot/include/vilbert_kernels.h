@@ -6,8 +6,10 @@
  * capability, the dtype and the head dim; a combination that was not compiled returns VK_ERROR_UNSUPPORTED. Each
  * kernel is loaded into a context on first use and kept there: do not reset a context and use the library again.
  *
- * Layout, as the Python API: (batch, seqlen, nheads, headdim). Inputs take any strides for the first three dims (in
- * elements) with the head dim contiguous; outputs are contiguous. Device pointers must be 16-byte aligned.
+ * Layout, as the Python API: (batch, seqlen, nheads, headdim). Inputs take strides for the first three dims (in
+ * elements) with the head dim contiguous, each row 16-byte aligned: a stride of a dim longer than 1 must be a multiple
+ * of 16 bytes (contiguous tensors and slices of a fused QKV projection are; the Python API copies other layouts, here
+ * they are VK_ERROR_MISALIGNED). Outputs are contiguous. Device pointers must be 16-byte aligned.
  *
  * The CUDA driver is loaded at run time (dlopen of libcuda.so.1): linking needs no driver library.
  */
@@ -32,7 +34,7 @@ extern "C" {
 typedef enum vk_status {
   VK_SUCCESS = 0,
   VK_ERROR_INVALID_VALUE = 1, /* a size, stride or pointer out of range (details in the function's comment) */
-  VK_ERROR_MISALIGNED = 2,    /* a device pointer is not 16-byte aligned */
+  VK_ERROR_MISALIGNED = 2,    /* a device pointer or an input's row stride is not 16-byte aligned */
   VK_ERROR_UNSUPPORTED = 3,   /* no kernel compiled for this architecture, dtype and head dim */
   VK_ERROR_NO_DRIVER = 4,     /* libcuda.so.1 could not be loaded */
   VK_ERROR_NO_CONTEXT = 5,    /* no CUDA context is current on the calling thread */

@@ -27,6 +27,14 @@ typedef struct vk_kernel_image {
 
 static inline int vk_fits_int32(int64_t value) { return value >= INT32_MIN && value <= INT32_MAX; }
 
+/* Whether every (batch, seq, head) row of `t` starts 16 bytes after a 16-byte aligned one, as the kernels read them
+ * (16-byte vector loads): the stride of each dim longer than 1, in bytes, a multiple of 16. */
+static inline int vk_rows_aligned(vk_tensor t, int64_t batch, int64_t seqlen, int64_t nheads, int64_t elem_bytes) {
+  return (batch < 2 || (t.stride_batch * elem_bytes) % 16 == 0) &&
+         (seqlen < 2 || (t.stride_seq * elem_bytes) % 16 == 0) &&
+         (nheads < 2 || (t.stride_head * elem_bytes) % 16 == 0);
+}
+
 /* Compute capability (major * 10 + minor) of the device of the calling thread's current context. */
 vk_status vk_current_arch(int *arch);
 
