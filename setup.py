@@ -19,7 +19,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["vilbert", "vilbert.*"]) + kernel_packages,
     package_dir={"vilbert_kernels": "kernels"},
-    package_data={"vilbert": ["data/*.txt"]},
+    # The C library's header, runtime and notes travel with vilbert_kernels.aot: its generator's output includes them.
+    package_data={"vilbert": ["data/*.txt"],
+                  "vilbert_kernels.aot": ["include/*.h", "runtime/*.c", "runtime/*.h", "README.md"]},
     install_requires=[
         "torch>=2.4",
         # The GPU image runs triton 3.6.0; kernels are checked against it.
