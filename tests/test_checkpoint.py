@@ -88,6 +88,25 @@ def test_official_oracle_file_round_trip():
     assert_round_trip(model, official)
 
 
+def test_official_state_dict_saved_inside_data_parallel_loads(tmp_path):
+    """Every key prefixed `module.` (a model saved wrapped in DataParallel): the prefix is taken off."""
+    torch.manual_seed(0)
+    source = ViLBERTForPretraining(tiny())
+    torch.save({"module." + k: v for k, v in source.to_official_state_dict().items()}, tmp_path / "dp.bin")
+    model = ViLBERTForPretraining(tiny())
+    model.load_official_state_dict(tmp_path / "dp.bin")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in source.state_dict().items())
+
+
+def test_a_strict_mismatch_names_a_few_keys_and_the_counts():
+    """A checkpoint of another model: the error stays readable (a few names and the counts, not every key)."""
+    official = ViLBERTForPretraining(tiny()).to_official_state_dict()
+    with pytest.raises(ValueError) as error:
+        ViLBERTForPretraining(tiny()).load_official_state_dict({"other." + k: v for k, v in official.items()})
+    message = str(error.value)
+    assert len(message) < 2000 and f"unexpected {len(official)}:" in message and "in all)" in message
+
+
 @pytest.mark.parametrize("model_class", [ViLBERTForPretraining, ViLBERTForVQA])
 def test_official_round_trip_random(model_class):
     torch.manual_seed(0)
@@ -130,13 +149,13 @@ def test_official_load_errors_name_the_key():
     before = model.bert.t_pooler.dense.weight.clone()
 
     missing = {k: v for k, v in official.items() if k != "bert.encoder.v_layer.1.output.dense.bias"}
-    with pytest.raises(ValueError, match=r"missing \['bert.encoder.v_layer.1.output.dense.bias'\]"):
+    with pytest.raises(ValueError, match=r"missing 1: \[bert.encoder.v_layer.1.output.dense.bias\]"):
         model.load_official_state_dict(missing)
     assert torch.equal(model.bert.t_pooler.dense.weight, before)  # a failed strict load changes nothing
 
     with pytest.raises(ValueError, match=r"'bert.t_pooler.dense.weight' has shape \(32, 31\)"):
         model.load_official_state_dict({**official, "bert.t_pooler.dense.weight": torch.zeros(32, 31)})
-    with pytest.raises(ValueError, match=r"unexpected \['vil_logit.weight'\]"):
+    with pytest.raises(ValueError, match=r"unexpected 1: \[vil_logit.weight\]"):
         model.load_official_state_dict({**official, "vil_logit.weight": torch.zeros(1, 32)})
     with pytest.raises(ValueError, match="tied parameter"):
         model.load_official_state_dict({**official, DECODER: torch.randn(official[DECODER].shape)})

@@ -83,8 +83,13 @@ def test_preset_overrides():
     (dict(pooling_method="max"), "pooling_method"),
     (dict(num_hidden_layers=0), "num_hidden_layers must be a positive int, got 0"),
     (dict(vocab_size=12.5), "vocab_size"),
-    (dict(hidden_dropout_prob=1.0), "hidden_dropout_prob must be in"),
-    (dict(layer_norm_eps=0.0), "layer_norm_eps"),
+    (dict(hidden_dropout_prob=1.0), r"hidden_dropout_prob must be a number in \[0, 1\), got 1.0"),
+    (dict(hidden_dropout_prob="0.1"), "hidden_dropout_prob must be a number in"),  # a JSON string, say
+    (dict(v_attention_probs_dropout_prob=None), "v_attention_probs_dropout_prob must be a number in"),
+    (dict(layer_norm_eps=0.0), "layer_norm_eps must be a finite number > 0"),
+    (dict(layer_norm_eps="1e-12"), "layer_norm_eps must be a finite number > 0"),
+    (dict(initializer_range=float("inf")), "initializer_range must be a finite number > 0"),
+    (dict(v_biattention_id=0), "v_biattention_id must be a list of layer ids, got 0"),
 ])
 def test_bad_config_raises_naming_the_field(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -48,7 +48,15 @@ class LoadReport:
 
 def read_state_dict(source: Union[str, os.PathLike, Mapping[str, torch.Tensor]]) -> Mapping[str, torch.Tensor]:
     """A state dict as given, or read from a file (.bin/.pt via torch.load, .safetensors) or a directory holding
-    model.safetensors, pytorch_model.bin or one pytorch_model*.bin (the official names)."""
+    model.safetensors, pytorch_model.bin or one pytorch_model*.bin (the official names). The `module.` prefix that a
+    model saved inside DataParallel / DistributedDataParallel puts on every key is taken off."""
+    state_dict = _read_state_dict(source)
+    if state_dict and all(key.startswith("module.") for key in state_dict):
+        return {key[len("module."):]: value for key, value in state_dict.items()}
+    return state_dict
+
+
+def _read_state_dict(source) -> Mapping[str, torch.Tensor]:
     if isinstance(source, Mapping):
         return source
     if not isinstance(source, (str, os.PathLike)):
@@ -179,8 +187,9 @@ def _assign(model, mapped, strict, unexpected, what) -> List[str]:
         chosen[canon] = (key, value)
     missing = [name for name in first_name.values() if name not in chosen]
     if strict and (missing or unexpected):
-        raise ValueError(f"{what} checkpoint does not fit {type(model).__name__}: missing {missing}, unexpected "
-                         f"{unexpected} (pass strict=False to load what fits and get a report)")
+        raise ValueError(f"{what} checkpoint does not fit {type(model).__name__}: "
+                         f"{LoadReport(list(chosen), missing, unexpected)} (pass strict=False to load what fits and "
+                         "get the report)")
     with torch.no_grad():
         for canon, (_, value) in chosen.items():
             targets[canon].copy_(value)

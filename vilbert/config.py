@@ -5,6 +5,8 @@
 """
 import dataclasses
 import json
+import math
+import numbers
 import os
 from typing import Any, Dict, List
 
@@ -14,6 +16,10 @@ POOLING_METHODS = ("mul", "sum")
 # Keys of official config files that the official model reads but that change nothing in its computation (or that
 # only select code paths this project does not have). They are kept in `extras` and written back by `to_json`.
 _OFFICIAL_ACTIVATION_KEYS = ("hidden_act", "v_hidden_act")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass
@@ -57,8 +63,11 @@ class ViLBERTConfig:
     extras: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        self.v_biattention_id = list(self.v_biattention_id)
-        self.t_biattention_id = list(self.t_biattention_id)
+        for name in ("v_biattention_id", "t_biattention_id"):
+            ids = getattr(self, name)
+            if not isinstance(ids, (list, tuple)):
+                raise ValueError(f"ViLBERTConfig.{name} must be a list of layer ids, got {ids!r}")
+            setattr(self, name, list(ids))
         self.validate()
 
     # ---- validation -------------------------------------------------------------------------------------------------
@@ -74,11 +83,12 @@ class ViLBERTConfig:
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "v_hidden_dropout_prob",
                      "v_attention_probs_dropout_prob"):
             value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"ViLBERTConfig.{name} must be in [0, 1), got {value!r}")
+            if not _is_number(value) or not 0.0 <= value < 1.0:
+                raise ValueError(f"ViLBERTConfig.{name} must be a number in [0, 1), got {value!r}")
         for name in ("initializer_range", "layer_norm_eps"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"ViLBERTConfig.{name} must be > 0, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not _is_number(value) or not 0 < value < math.inf:
+                raise ValueError(f"ViLBERTConfig.{name} must be a finite number > 0, got {value!r}")
         for hidden, heads in (("hidden_size", "num_attention_heads"), ("v_hidden_size", "v_num_attention_heads"),
                               ("bi_hidden_size", "bi_num_attention_heads")):
             if getattr(self, hidden) % getattr(self, heads):
