@@ -103,8 +103,9 @@ class CheckpointMixin:
         model = cls(ViLBERTConfig.from_json(directory / CONFIG_NAME), backend=backend)
         missing, unexpected = load_model(model, directory / WEIGHTS_NAME, strict=False)
         if missing or unexpected:
-            raise ValueError(f"{directory / WEIGHTS_NAME} does not fit {cls.__name__}: missing {sorted(missing)}, "
-                             f"unexpected {sorted(unexpected)}")
+            loaded = [name for name in model.state_dict() if name not in missing]
+            raise ValueError(f"{directory / WEIGHTS_NAME} does not fit {cls.__name__}: "
+                             f"{LoadReport(loaded, sorted(missing), sorted(unexpected))}")
         return model
 
     # ---- official ViLBERT --------------------------------------------------------------------------------------------
