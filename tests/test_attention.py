@@ -317,6 +317,26 @@ def test_dropout_keep_rate_and_scaling(device, tiles, seed):
     assert_rel_close(out, expected, 1e-5, "dropped out")
 
 
+@pytest.mark.slow  # a million probabilities in the interpreter (40 s): fewer keep too few at this rate
+def test_fp16_keeps_extreme_dropout_in_range(device, seed):
+    """At dropout_p = 0.99999 a kept probability is scaled by 1e5, beyond fp16's 65504 on its own though the output
+    and gradients fit: the scale must come after the products, not on the fp16 probabilities (same mask as fp32)."""
+    B, Lq, Lk, H, D, p = 1, 4096, 64, 4, 16, 0.99999  # ~10 kept of 1M: none kept has probability 3e-5
+    q = torch.zeros(B, Lq, H, D, device=device)  # every unnormalised probability exp(s - max) is 1
+    k, v = torch.randn(B, Lk, H, D, device=device), torch.randn(B, Lk, H, D, device=device)
+    grad_out = torch.randn(B, Lq, H, D, device=device)
+    results = []
+    for dtype in (torch.float32, torch.float16):
+        torch.manual_seed(seed)
+        results.append(run_with_grads(lambda q, k, v: attention(q, k, v, dropout_p=p),
+                                      [t.to(dtype) for t in (q, k, v)], grad_out.to(dtype)))
+    (out32, grads32), (out16, grads16) = results
+    assert out32.abs().max() > 0, "nothing kept: a test that tests nothing"
+    for name, got, expected in (("out", out16, out32), *zip(("dq", "dk", "dv"), grads16, grads32)):
+        assert got.isfinite().all(), f"{name} overflowed in fp16"
+        assert_rel_close(got.float(), expected, 2e-2, name)
+
+
 def test_dropout_is_unbiased(device, tiles, seed):
     Lk, D, p, draws = 64, 16, 0.5, 2048
     q, k, v = (torch.randn(1, L, 1, D, device=device) for L in (1, Lk, Lk))
