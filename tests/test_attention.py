@@ -319,8 +319,8 @@ def test_dropout_keep_rate_and_scaling(device, tiles, seed):
 
 @pytest.mark.slow  # a million probabilities in the interpreter (40 s): fewer keep too few at this rate
 def test_fp16_keeps_extreme_dropout_in_range(device, seed):
-    """At dropout_p = 0.99999 a kept probability is scaled by 1e5, beyond fp16's 65504 on its own though the output
-    and gradients fit: the scale must come after the products, not on the fp16 probabilities (same mask as fp32)."""
+    """At dropout_p = 0.99999 the forward's unnormalised kept probabilities (up to 1) times 1e5 pass fp16's 65504
+    though the output and gradients fit: the forward scales its output instead (same mask as fp32)."""
     B, Lq, Lk, H, D, p = 1, 4096, 64, 4, 16, 0.99999  # ~10 kept of 1M: none kept has probability 3e-5
     q = torch.zeros(B, Lq, H, D, device=device)  # every unnormalised probability exp(s - max) is 1
     k, v = torch.randn(B, Lk, H, D, device=device), torch.randn(B, Lk, H, D, device=device)
