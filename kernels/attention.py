@@ -493,7 +493,8 @@ def _attention_backward(directions, outs, lses, douts, lens_a, lens_b, dropout_p
     """Gradients (dq, dk, dv) per direction: one dK/dV launch and one dQ launch cover every direction, or the dK/dV
     launch alone when one key block holds every key (ViLBERT's lengths in fp16/bf16): it then computes dQ too."""
     directions = [tuple(_aligned(t) for t in d) for d in directions]
-    douts = [do.contiguous() for do in douts]  # the kernels read dO with out's (contiguous) layout
+    # The kernels read dO with out's layout (contiguous) from a 16-byte aligned start.
+    douts = [_aligned(do.contiguous()) for do in douts]
     q, _, _ = directions[0]
     batch, _, num_heads, _ = q.shape
     grads = [tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in d) for d in directions]
