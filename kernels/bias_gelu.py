@@ -27,16 +27,13 @@ is used in its own dtype (an fp32 bias does not promote the output to fp32, as `
 
 Layout legend: N rows (all leading dims flattened), C columns.
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .kernel_spec import KernelSpec
-from .launch import as_rows, device_of, max_partial_sum_programs
-
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from .launch import SUPPORTED_DTYPES, as_rows, check_device, device_of, max_partial_sum_programs
 
 
 @triton.jit
@@ -187,9 +184,7 @@ def _validate(x, bias):
         raise TypeError(f"bias_gelu: x has dtype {x.dtype}; expected one of {SUPPORTED_DTYPES}")
     if x.dim() == 0 or x.shape[-1] < 1:
         raise ValueError(f"bias_gelu: x has shape {tuple(x.shape)}; expected (..., C) with C >= 1")
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"bias_gelu: x is on {x.device}; the Triton kernels need a CUDA device "
-                         "(or TRITON_INTERPRET=1 to run them on the CPU)")
+    check_device(x, "bias_gelu: x")
     if not isinstance(bias, torch.Tensor):
         raise TypeError(f"bias_gelu: bias must be a torch.Tensor, got {type(bias).__name__}")
     if tuple(bias.shape) != (x.shape[-1],):

@@ -1,8 +1,19 @@
 """Small helpers shared by the ops' launchers."""
 import contextlib
 import functools
+import os
 
 import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_device(t: torch.Tensor, what: str) -> None:
+    """ValueError unless t is where a Triton kernel can read it: on a CUDA device, or anywhere under
+    TRITON_INTERPRET=1 (the interpreter runs the kernels on the CPU). `what` names t in the message."""
+    if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"{what} is on {t.device}; the Triton kernels need a CUDA device "
+                         "(or TRITON_INTERPRET=1 to run them on the CPU)")
 
 
 def as_rows(t: torch.Tensor, C: int) -> torch.Tensor:

@@ -38,7 +38,6 @@ Layout legend: N rows (all leading dims flattened), C hidden size.
 """
 import math
 import numbers
-import os
 from typing import Optional
 
 import torch
@@ -46,11 +45,10 @@ import triton
 import triton.language as tl
 
 from .kernel_spec import KernelSpec
-from .launch import as_rows, device_of, draw_seed, max_partial_sum_programs
+from .launch import SUPPORTED_DTYPES, as_rows, check_device, device_of, draw_seed, max_partial_sum_programs
 from .philox import philox_keep
 
 MAX_C = 8192  # the forward holds a whole row in registers; wider rows would spill
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -277,7 +275,7 @@ def _launch_layer_norm_bwd(dy, z, weight, mean, rstd, has_residual, dropout_p, s
 
 
 def _dropout_keep_mask(n_rows, C, dropout_p, seed, device):
-    """The (n_rows, C) bool keep mask the kernels draw for (dropout_p, seed) (seed: a `_draw_seed` tensor), for tests
+    """The (n_rows, C) bool keep mask the kernels draw for (dropout_p, seed) (seed: a `launch.draw_seed` tensor), for tests
     (the op never stores it): the forward kernel itself, run on ones, stores z = keep / (1 - dropout_p)."""
     ones = torch.ones((n_rows, C), dtype=torch.float32, device=device)
     _, z, _, _ = _launch_layer_norm_fwd(ones, ones[0], ones[0], 1.0, None, dropout_p, int(seed))
@@ -365,9 +363,7 @@ def _validate(x, weight, bias, eps, residual, dropout_p):
         raise TypeError(f"layer_norm: x has dtype {x.dtype}; expected one of {SUPPORTED_DTYPES}")
     if x.dim() == 0 or not 1 <= x.shape[-1] <= MAX_C:
         raise ValueError(f"layer_norm: x has shape {tuple(x.shape)}; expected (..., C) with 1 <= C <= {MAX_C}")
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"layer_norm: x is on {x.device}; the Triton kernels need a CUDA device "
-                         "(or TRITON_INTERPRET=1 to run them on the CPU)")
+    check_device(x, "layer_norm: x")
     C = x.shape[-1]
     for name, param in (("weight", weight), ("bias", bias)):
         if not isinstance(param, torch.Tensor):

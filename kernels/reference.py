@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 
-def key_padding_mask(lens: Optional[torch.Tensor], batch: int, length: int, device) -> Optional[torch.Tensor]:
+def key_padding_mask(lens: Optional[torch.Tensor], length: int, device) -> Optional[torch.Tensor]:
     """(B,) lengths -> (B, length) bool, True at real positions; None when lens is None (everything is real)."""
     if lens is None:
         return None
@@ -31,7 +31,7 @@ def attention(q, k, v, q_lens=None, kv_lens=None, dropout_p=0.0, softmax_scale=N
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # (B, H, Lq, Lk)
-    key_valid = key_padding_mask(kv_lens, B, Lk, q.device)
+    key_valid = key_padding_mask(kv_lens, Lk, q.device)
     if key_valid is not None:
         key_valid = key_valid[:, None, None, :]  # (B, 1, 1, Lk)
         # A finite fill keeps an all-masked row finite; multiplying by the mask then zeroes it.
@@ -42,7 +42,7 @@ def attention(q, k, v, q_lens=None, kv_lens=None, dropout_p=0.0, softmax_scale=N
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
     out = torch.matmul(probs, vh).transpose(1, 2)  # (B, Lq, H, D)
-    query_valid = key_padding_mask(q_lens, B, Lq, q.device)
+    query_valid = key_padding_mask(q_lens, Lq, q.device)
     if query_valid is not None:
         out = out * query_valid[:, :, None, None]
     return out

@@ -339,14 +339,25 @@ def test_task_heads_forward_backward():
     out = retrieval(**inputs, choice_labels=torch.tensor([0, 1]))  # two groups of two choices
     assert out.logits.shape == (4,)
     torch.testing.assert_close(out.loss, F.cross_entropy(out.logits.view(2, 2), torch.tensor([0, 1])))
-    with pytest.raises(ValueError, match="choice_labels"):
-        retrieval(**inputs, choice_labels=torch.tensor([0, 1, 0]))
+    for labels in (torch.tensor([0, 1, 0]), torch.zeros(4, dtype=torch.long),  # 4 groups of 1: the loss would be 0
+                   torch.tensor([0, 1], dtype=torch.int32), [0, 1], torch.tensor([0, 2])):
+        with pytest.raises(ValueError, match="choice_labels"):
+            retrieval(**inputs, choice_labels=labels)
+    with pytest.raises(ValueError, match="answer_scores"):
+        vqa(**inputs, answer_scores=[[0.0] * config.num_answers] * 4)
 
     referring = ViLBERTForReferring(config)
-    out = referring(**inputs, region_scores=(torch.rand(4, 3) > 0.5).float())
+    real = torch.arange(3)[None] < batch["image_lens"][:, None]
+    region_scores = (torch.rand(4, 3) > 0.5).float() * real
+    out = referring(**inputs, region_scores=region_scores)
     assert out.logits.shape == (4, 3)
-    assert (out.logits[~(torch.arange(3)[None] < batch["image_lens"][:, None])] == -10000.0).all()
+    assert (out.logits[~real] == -10000.0).all()
+    # The official scaling: BCE's mean over every region times the regions per sample (padding adds ~0).
+    official = F.binary_cross_entropy_with_logits(out.logits.double(), region_scores.double()) * 3
+    torch.testing.assert_close(out.loss.double(), official)
     out.loss.backward()
+    with pytest.raises(ValueError, match="region_scores"):
+        referring(**inputs, region_scores=region_scores.tolist())
 
 
 def test_single_stream_forward_backward():
@@ -373,6 +384,10 @@ def test_single_stream_forward_backward():
     ("region_targets", torch.zeros(2, 3, 7), "region_targets"),
     ("region_targets", torch.zeros(2, 7), "region_targets"),
     ("is_aligned", torch.zeros(2), "is_aligned"),
+    # values: the official ignore index, a token id beyond the vocabulary, a label that is neither 0 nor 1
+    ("mlm_labels", torch.full((2, 4), -1), "official data marks non-targets -1"),
+    ("mlm_labels", torch.full((2, 4), 128), r"token ids in \[0, 128\)"),
+    ("is_aligned", torch.tensor([1, 2]), "expected 0 or 1"),
 ])
 def test_bad_inputs_name_the_argument(name, value, message):
     config = tiny()

@@ -17,10 +17,10 @@ import tempfile
 
 import torch
 
+from vilbert.config import BACKENDS, default_backend
 from vilbert.data import PretrainCollator, PretrainDataset, load_tokenizer, open_store, write_synthetic
-from vilbert.data.pretrain import IGNORE_INDEX
 from vilbert.data.synthetic import DEFAULT_NUM_IMAGES
-from vilbert.model import alignment_class
+from vilbert.model import pretraining_hits
 from vilbert.tasks.models import load_pretraining_model
 
 
@@ -33,7 +33,7 @@ def parse_args(argv=None):
     parser.add_argument("--vocab_file", help="BERT vocab.txt (default: the vocab shipped for the built-in data)")
     parser.add_argument("--seed", type=int, default=0, help="draws the masks and the swapped captions")
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--backend", choices=("torch", "sdpa", "triton"),
+    parser.add_argument("--backend", choices=BACKENDS,
                         help="op backend (default: triton on a GPU, torch on the CPU)")
     args = parser.parse_args(argv)
     for name in ("num_images", "batch_size"):
@@ -55,10 +55,11 @@ def evaluate(model, dataset, batch_size, device) -> dict:
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         batch = {k: v.to(device) for k, v in batch.items()}
         out = model(**batch)
-        align_hits += (out.align_logits.argmax(-1) == alignment_class(batch["is_aligned"])).sum().item()
-        targets = batch["mlm_labels"][batch["mlm_labels"] != IGNORE_INDEX]  # mlm_logits: one row per target
-        mlm_hits += (out.mlm_logits.argmax(-1) == targets).sum().item()
-        mlm_targets += len(targets)
+        batch_mlm_hits, batch_mlm_targets, batch_align_hits = pretraining_hits(out, batch["mlm_labels"],
+                                                                              batch["is_aligned"])
+        mlm_hits += batch_mlm_hits.item()
+        mlm_targets += batch_mlm_targets.item()
+        align_hits += batch_align_hits.item()
         count = batch["region_mask"].sum().item()
         region_kl += out.region_loss.item() * count  # region_loss: the mean over this batch's masked regions
         masked_regions += count
@@ -72,7 +73,7 @@ def main(argv=None):
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     try:
-        model = load_pretraining_model(args.init, backend=args.backend or ("triton" if on_gpu else "torch"))
+        model = load_pretraining_model(args.init, backend=args.backend or default_backend(on_gpu))
     except (FileNotFoundError, ValueError) as e:
         print(f"evaluate_pretraining.py: error: {e}", file=sys.stderr)
         return 2

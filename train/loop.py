@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from vilbert import ViLBERTConfig
+from vilbert.config import BACKENDS
 from vilbert.data import ResumableSampler
 
 # The running script ("pretrain.py" or "finetune.py"), for messages.
@@ -57,7 +58,7 @@ def add_run_arguments(parser, output_dir):
     parser.add_argument("--output_dir", default=output_dir)
     parser.add_argument("--max_steps", type=int, help="optimizer steps (overrides --epochs)")
     parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--backend", choices=("torch", "sdpa", "triton"),
+    parser.add_argument("--backend", choices=BACKENDS,
                         help="op backend (default: triton on a GPU, torch on the CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no_resume", dest="resume", action="store_false",
@@ -187,7 +188,7 @@ def release_cpu_allreduce_buffer():
 
 
 def fill_output_paths(config, output_dir):
-    """Monitors (TensorBoard, CSV, W&B) enabled in the JSON without an output_path write into output_dir."""
+    """The TensorBoard and CSV monitors, when enabled in the JSON without an output_path, write into output_dir."""
     for monitor in ("tensorboard", "csv_monitor"):
         if config.get(monitor, {}).get("enabled"):
             config[monitor].setdefault("output_path", os.path.join(output_dir, monitor))
@@ -296,9 +297,7 @@ def resume_latest(engine, output_dir, world_size, rank, sampler):
     if load_path is None:
         raise RuntimeError(f"could not load the checkpoint named by {output_dir}/latest")
     try:
-        # (checkpoints from before the sampler's identity was saved hold only the position)
-        sampler.load_state_dict(client_state.get("sampler") or {key: client_state[key]
-                                                                 for key in ("epoch", "consumed_samples")})
+        sampler.load_state_dict(client_state["sampler"])
     except ValueError as error:
         raise SystemExit(f"{PROGRAM}: error: cannot resume {load_path}: {error}; run it with the saved run's --seed, "
                          "data and batch sizes, or pass --no_resume to start over") from None
@@ -416,6 +415,49 @@ def timed(iterable, waited):
         yield item
 
 
+class MetricsWindow:
+    """The sums behind one metrics.jsonl line. micro_step's device sums stay on the device and its host sums, with
+    the loop's counts (samples, micro steps, seconds spent waiting for the loader), on the host: one copy and one
+    reduction per window, not per step."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.device_sums = self.host_sums = None
+        self.start = time.perf_counter()
+
+    def add(self, on_device, on_host, samples, waited):
+        on_device, on_host = on_device.detach().double(), [*on_host, samples, 1.0, waited]
+        self.device_sums = on_device if self.device_sums is None else self.device_sums + on_device
+        self.host_sums = on_host if self.host_sums is None else [a + b for a, b in zip(self.host_sums, on_host)]
+
+    def pause(self, since):
+        """Leaves the seconds since `since` out of the window (samples/s counts training, not saving)."""
+        self.start += time.perf_counter() - since
+
+    def close(self, summarize, world_size):
+        """Reduces the window over the ranks and starts the next; returns summarize's fields, samples_per_s and
+        data_wait."""
+        sums = torch.cat([self.device_sums,
+                          torch.tensor(self.host_sums, dtype=torch.float64, device=self.device_sums.device)])
+        dist.all_reduce(sums)
+        seconds = time.perf_counter() - self.start
+        *task_sums, samples, micro_steps, wait_seconds = sums.tolist()
+        self.reset()
+        return {**summarize(task_sums, micro_steps, seconds), "samples_per_s": samples / seconds,
+                "data_wait": wait_seconds / world_size / seconds}
+
+
+def make_loader(dataset, collator, sampler, args, on_gpu, epoch):
+    """A DataLoader over `sampler`'s batches that yields (epoch, indices, batch). It has its own generator: starting
+    an iterator must not draw from the global RNG (dropout's), or a resumed run would drop out other units than the
+    uninterrupted run."""
+    return DataLoader(EpochIndexedDataset(dataset), batch_sampler=EpochBatches(sampler),
+                      collate_fn=IndexedCollator(collator), num_workers=args.num_workers, pin_memory=on_gpu,
+                      worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(args.seed + epoch))
+
+
 def train(args, model, dataset, collator, ds_config, micro_step, summarize):
     """Trains `model` on `dataset` with DeepSpeed for --max_steps optimizer steps (or --epochs); returns
     (engine, finished). finished is False when SIGTERM/SIGINT on some rank stopped the run early: every rank saved a
@@ -458,18 +500,11 @@ def train(args, model, dataset, collator, ds_config, micro_step, summarize):
                     if args.log_samples else None)
     progress = tqdm(total=max_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     on_gpu = engine.device.type != "cpu"
-    # The window's sums: micro_step's device sums stay on the device, its host sums and the loop's counts (samples,
-    # micro steps, seconds spent waiting for the loader) on the host; one copy and one reduction per window.
-    device_sums = host_sums = None
-    waited = [0.0]
-    window_start = time.perf_counter()
+    window = MetricsWindow()
+    waited = [0.0]  # seconds spent waiting for the loader since the last micro step
     step_indices = []
     stopping = False  # agreed by all ranks
-    # The loader's own generator: starting an iterator must not draw from the global RNG (dropout's), or a resumed run
-    # would drop out other units than the uninterrupted run.
-    loader = DataLoader(EpochIndexedDataset(dataset), batch_sampler=EpochBatches(sampler),
-                        collate_fn=IndexedCollator(collator), num_workers=args.num_workers, pin_memory=on_gpu,
-                        worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(args.seed + epoch))
+    loader = make_loader(dataset, collator, sampler, args, on_gpu, epoch)
     batches = timed(loader, waited) if step < max_steps else ()  # () when resuming a run that had finished
     with stop_requests() as stop:
         for batch_epoch, indices, batch in batches:
@@ -480,10 +515,8 @@ def train(args, model, dataset, collator, ds_config, micro_step, summarize):
             engine.step()
             consumed += micro * world_size
             step_indices.extend(indices)
-            on_device, on_host = on_device.detach().double(), [*on_host, len(indices), 1.0, waited[0]]
+            window.add(on_device, on_host, len(indices), waited[0])
             waited[0] = 0.0
-            device_sums = on_device if device_sums is None else device_sums + on_device
-            host_sums = on_host if host_sums is None else [a + b for a, b in zip(host_sums, on_host)]
             if engine.global_steps == step:
                 continue  # still accumulating gradients
             step = engine.global_steps
@@ -498,28 +531,20 @@ def train(args, model, dataset, collator, ds_config, micro_step, summarize):
             stopping = bool(flag.item())
             # On a stop, the steps since the last line get a line of their own (a resumed run starts a new window).
             if step % args.log_interval == 0 or step == max_steps or stopping:
-                sums = torch.cat([device_sums, torch.tensor(host_sums, dtype=torch.float64, device=device_sums.device)])
-                dist.all_reduce(sums)
-                seconds = time.perf_counter() - window_start
-                *task_sums, samples, micro_steps, wait_seconds = sums.tolist()
                 record = {"step": step, "samples": step * global_batch, "epoch": epoch, "lr": engine.get_lr()[0],
-                          **summarize(task_sums, micro_steps, seconds), "samples_per_s": samples / seconds,
-                          "data_wait": wait_seconds / world_size / seconds, "max_mem_mb": peak_memory_mb()}
+                          **window.close(summarize, world_size), "max_mem_mb": peak_memory_mb()}
                 if rank == 0:
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
-                    progress.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{samples / seconds:.1f}")
+                    progress.set_postfix(loss=f"{record['loss']:.3f}", samples_s=f"{record['samples_per_s']:.1f}")
                     if engine.monitor.enabled:
                         engine.monitor.write_events([(f"Train/{k}", v, record["samples"])
                                                      for k, v in record.items() if k not in ("step", "samples")])
-                device_sums = host_sums = None
-                window_start = time.perf_counter()
             if step % args.save_interval == 0 or step >= max_steps or stopping:
                 saving_since = time.perf_counter()
                 position = {**sampler.state_dict(), "epoch": epoch, "consumed_samples": consumed}
-                save_checkpoint(engine, args.output_dir, {"step": step, "sampler": position, "world_size": world_size},
-                                args.keep_last)
-                window_start += time.perf_counter() - saving_since  # samples/s counts training, not saving
+                save_checkpoint(engine, args.output_dir, {"step": step, "sampler": position}, args.keep_last)
+                window.pause(saving_since)
             if step >= max_steps or stopping:
                 break
     del batches  # the DataLoader iterator, and with it the worker processes, ends here

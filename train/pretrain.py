@@ -61,7 +61,8 @@ from loop import (UsageError, add_run_arguments, build_config, check_run_argumen
                   fp32_weights, gpu_available, init_distributed, load_ds_config, train, world_from_env)
 
 from vilbert import SingleStreamForPretraining, ViLBERTForPretraining  # noqa: E402
-from vilbert.model import alignment_class  # noqa: E402
+from vilbert.config import default_backend  # noqa: E402
+from vilbert.model import pretraining_hits  # noqa: E402
 from vilbert.data import (IGNORE_INDEX, PretrainCollator, PretrainDataset, ensure_default_data,  # noqa: E402
                           load_tokenizer, open_store)
 
@@ -128,12 +129,8 @@ def pretraining_step(engine, batch, config, architecture):
         batch[key] = batch[key].to(input_dtype)
     out = engine(**batch)
     with torch.no_grad():
-        masked = batch["mlm_labels"] != IGNORE_INDEX
-        # mlm_logits has one row per MLM target, in row-major (b, t) order.
-        mlm_correct = (out.mlm_logits.argmax(-1) == batch["mlm_labels"][masked]).sum()
-        align_correct = (out.align_logits.argmax(-1) == alignment_class(batch["is_aligned"])).sum()
-        on_device = torch.stack([*(getattr(out, name).double() for name in LOSS_NAMES), mlm_correct.double(),
-                                 masked.sum().double(), align_correct.double()])
+        hits = pretraining_hits(out, batch["mlm_labels"], batch["is_aligned"])
+        on_device = torch.stack([*(getattr(out, name).double() for name in LOSS_NAMES), *(h.double() for h in hits)])
     return out.loss, on_device, [len(batch["is_aligned"]), flops]
 
 
@@ -165,7 +162,7 @@ def main(argv=None):
         if rank == 0:
             print(f"pretrain.py: error: {e}", file=sys.stderr)
         return 2
-    args.backend = args.backend or ("triton" if on_gpu else "torch")
+    args.backend = args.backend or default_backend(on_gpu)
     default_workers(args, on_gpu)
 
     init_distributed(on_gpu)

@@ -1,6 +1,6 @@
 """Checkpoints: our own format, official ViLBERT state dicts, and Hugging Face BERT weights for the text stream.
 
-Every model class mixes in `CheckpointMixin`:
+`ViLBERTModel` and every model with heads (the single-stream baselines too) mix in `CheckpointMixin`:
 
     model.save_pretrained(dir)                    # dir/config.json + dir/model.safetensors (tied decoder stored once)
     Model.from_pretrained(dir, backend=None)

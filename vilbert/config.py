@@ -18,6 +18,12 @@ POOLING_METHODS = ("mul", "sum")
 _OFFICIAL_ACTIVATION_KEYS = ("hidden_act", "v_hidden_act")
 
 
+def default_backend(on_gpu: bool) -> str:
+    """The backend the training scripts use when none is given: the Triton kernels on a GPU; plain PyTorch on the
+    CPU, where the kernels run only in Triton's (slow) interpreter."""
+    return "triton" if on_gpu else "torch"
+
+
 def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 

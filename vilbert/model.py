@@ -540,12 +540,15 @@ class ViLBERTForPretraining(CheckpointMixin, nn.Module):
         the targets' class distributions: (B, V, v_target_size) (the official layout; rows off the mask are ignored)
         or (M, v_target_size), one row per True of region_mask in row-major (b, v) order (PretrainCollator's);
         is_aligned (B,) int64 (1 = the caption belongs to the image)."""
-        out = self.bert(input_ids, image_features, image_locations, token_type_ids, text_lens, image_lens)
         B, T = input_ids.shape
         V = image_features.shape[1]
         _check_labels(B, T, V, self.config.v_target_size, mlm_labels, region_targets, region_mask, is_aligned)
+        is_target = None if mlm_labels is None else mlm_labels != IGNORE_INDEX  # (B, T)
+        targets = None if mlm_labels is None else mlm_labels[is_target]  # (N,)
+        _check_label_values(targets, self.config.vocab_size, is_aligned)
+        out = self.bert(input_ids, image_features, image_locations, token_type_ids, text_lens, image_lens)
 
-        text_for_mlm = out.text_hidden if mlm_labels is None else out.text_hidden[mlm_labels != IGNORE_INDEX]
+        text_for_mlm = out.text_hidden if mlm_labels is None else out.text_hidden[is_target]
         mlm_logits = self.cls.predictions(text_for_mlm)  # (N, vocab) or (B, T, vocab)
         # The heads run on the targets only when labels are given: most tokens and regions are not targets.
         image_for_region = out.image_hidden if region_mask is None else out.image_hidden[region_mask]
@@ -554,7 +557,6 @@ class ViLBERTForPretraining(CheckpointMixin, nn.Module):
 
         losses = {}
         if mlm_labels is not None:
-            targets = mlm_labels[mlm_labels != IGNORE_INDEX]  # (N,)
             losses["mlm_loss"] = F.cross_entropy(mlm_logits.float(), targets, reduction="sum") / max(len(targets), 1)
         if region_targets is not None:
             if region_targets.dim() == 3:
@@ -585,9 +587,39 @@ def alignment_class(is_aligned: torch.Tensor) -> torch.Tensor:
     return torch.where(is_aligned == 1, ALIGNED, NOT_ALIGNED)
 
 
+def pretraining_hits(out: PretrainingOutput, mlm_labels: torch.Tensor, is_aligned: torch.Tensor):
+    """A labelled batch's counts, as 0-d int64 tensors on its device (sums, which windows and datasets add up exactly):
+    (masked tokens predicted right, masked tokens, pairs whose alignment is predicted right)."""
+    is_target = mlm_labels != IGNORE_INDEX
+    mlm_hits = (out.mlm_logits.argmax(-1) == mlm_labels[is_target]).sum()  # mlm_logits: a row per target, (b, t) order
+    align_hits = (out.align_logits.argmax(-1) == alignment_class(is_aligned)).sum()
+    return mlm_hits, is_target.sum(), align_hits
+
+
 def alignment_log_odds(align_logits: torch.Tensor) -> torch.Tensor:
     """(B, 2) alignment logits -> (B,) log-odds that the caption belongs to the image."""
     return align_logits[:, ALIGNED] - align_logits[:, NOT_ALIGNED]
+
+
+def _check_label_values(mlm_targets, vocab_size, is_aligned):
+    """ValueError for an MLM target outside the vocabulary (the official data marks non-targets -1, ours -100) or an
+    is_aligned other than 0/1; one host sync, where the MLM head's selection has just synced anyway."""
+    checks = []
+    if mlm_targets is not None:
+        checks.append(((mlm_targets < 0) | (mlm_targets >= vocab_size)).any())
+    if is_aligned is not None:
+        checks.append(((is_aligned != 0) & (is_aligned != 1)).any())
+    if not checks:
+        return
+    bad = torch.stack([c.to(checks[0].device) for c in checks]).tolist()
+    bad_mlm = mlm_targets is not None and bad[0]
+    bad_aligned = is_aligned is not None and bad[-1]
+    if bad_mlm:
+        raise ValueError(f"mlm_labels: expected {IGNORE_INDEX} at non-targets and token ids in [0, {vocab_size}) at "
+                         f"targets, got values in [{int(mlm_targets.min())}, {int(mlm_targets.max())}] (the official "
+                         f"data marks non-targets -1)")
+    if bad_aligned:
+        raise ValueError(f"is_aligned: expected 0 or 1, got {sorted(set(is_aligned.tolist()))[:5]}")
 
 
 def _check_labels(B, T, V, num_classes, mlm_labels, region_targets, region_mask, is_aligned):
@@ -628,6 +660,26 @@ class _TaskModel(CheckpointMixin, nn.Module):
         return self.dropout(fuse(self.config, out.pooled_text, out.pooled_image))  # (B, bi_hidden_size)
 
 
+def _check_scores(name, scores, shape):
+    if not torch.is_tensor(scores) or tuple(scores.shape) != shape:
+        seen = f"shape {tuple(scores.shape)}" if torch.is_tensor(scores) else type(scores).__name__
+        raise ValueError(f"{name}: expected a tensor of shape {shape}, got {seen}")
+
+
+def _check_choice_labels(labels, batch):
+    """(groups,) int64, each group >= 2 consecutive pairs of the batch (one pair per group would make the loss 0),
+    every label an index into its group."""
+    if (not torch.is_tensor(labels) or labels.dim() != 1 or labels.dtype != torch.int64 or len(labels) == 0
+            or batch % len(labels) or batch // len(labels) < 2):
+        seen = f"shape {tuple(labels.shape)} {labels.dtype}" if torch.is_tensor(labels) else type(labels).__name__
+        raise ValueError(f"choice_labels: expected (groups,) int64 with the batch of {batch} pairs in groups of at "
+                         f"least 2 (the right pair's index in each group), got {seen}")
+    low, high = labels.aminmax()
+    if low < 0 or high >= batch // len(labels):
+        raise ValueError(f"choice_labels: expected indices in [0, {batch // len(labels)}) (pairs per group), "
+                         f"got values in [{int(low)}, {int(high)}]")
+
+
 class SimpleClassifier(nn.Module):
     """Linear(bi, 2 bi), GELU, LayerNorm, Linear(2 bi, num_answers) (official `vil_prediction`)."""
 
@@ -656,9 +708,7 @@ class ViLBERTForVQA(_TaskModel):
         logits = self.vil_prediction(self._joint(out))  # (B, num_answers)
         loss = None
         if answer_scores is not None:
-            if tuple(answer_scores.shape) != tuple(logits.shape):
-                raise ValueError(f"answer_scores: expected shape {tuple(logits.shape)}, "
-                                 f"got {tuple(answer_scores.shape)}")
+            _check_scores("answer_scores", answer_scores, tuple(logits.shape))
             loss = F.binary_cross_entropy_with_logits(logits.float(), answer_scores.float()) * logits.shape[1]
         return TaskOutput(**vars(out), logits=logits, loss=loss)
 
@@ -679,9 +729,7 @@ class ViLBERTForRetrieval(_TaskModel):
         scores = self.pair_scores(out)  # (B,)
         loss = None
         if choice_labels is not None:
-            if choice_labels.dim() != 1 or len(choice_labels) == 0 or len(scores) % len(choice_labels):
-                raise ValueError(f"choice_labels: expected (groups,) with batch {len(scores)} a multiple of groups, "
-                                 f"got shape {tuple(choice_labels.shape)}")
+            _check_choice_labels(choice_labels, len(scores))
             loss = F.cross_entropy(scores.float().view(len(choice_labels), -1), choice_labels)  # (groups, num_choices)
         return TaskOutput(**vars(out), logits=scores, loss=loss)
 
@@ -700,8 +748,9 @@ class ViLBERTForReferring(_TaskModel):
 
     def forward(self, input_ids, image_features, image_locations, token_type_ids=None, text_lens=None,
                 image_lens=None, region_scores=None) -> TaskOutput:
-        """region_scores: (B, V) targets in [0, 1] (e.g. IoU >= 0.5 with the referred box); loss = BCE averaged over
-        the real regions."""
+        """region_scores: (B, V) targets in [0, 1] (e.g. IoU >= 0.5 with the referred box); loss = BCE summed over
+        the real regions, averaged over the batch (the official scaling: the mean over all regions times V, where
+        padded regions add nothing)."""
         out = self.bert(input_ids, image_features, image_locations, token_type_ids, text_lens, image_lens)
         logits = self.vision_logit(self.dropout(out.image_hidden)).squeeze(-1)  # (B, V)
         B, V = logits.shape
@@ -711,10 +760,9 @@ class ViLBERTForReferring(_TaskModel):
             logits = logits.masked_fill(~real, -10000.0)
         loss = None
         if region_scores is not None:
-            if tuple(region_scores.shape) != (B, V):
-                raise ValueError(f"region_scores: expected shape {(B, V)}, got {tuple(region_scores.shape)}")
+            _check_scores("region_scores", region_scores, (B, V))
             bce = F.binary_cross_entropy_with_logits(logits.float(), region_scores.float(), reduction="none")
-            loss = (bce * real).sum() / real.sum().clamp(min=1)
+            loss = (bce * real).sum() / B
         return TaskOutput(**vars(out), logits=logits, loss=loss)
 
 

@@ -27,7 +27,7 @@ def _sdpa_attention(q, k, v, q_lens=None, kv_lens=None, dropout_p=0.0, softmax_s
     Lk = k.shape[1]
     attn_mask = None
     if kv_lens is not None:
-        key_valid = reference.key_padding_mask(kv_lens, B, Lk, q.device)  # (B, Lk) True at real keys
+        key_valid = reference.key_padding_mask(kv_lens, Lk, q.device)  # (B, Lk) True at real keys
         # A sample with no keys would make every score -inf (NaN softmax and gradients): let it attend everywhere,
         # then zero its output below.
         no_keys = kv_lens.to(q.device) == 0
@@ -38,7 +38,7 @@ def _sdpa_attention(q, k, v, q_lens=None, kv_lens=None, dropout_p=0.0, softmax_s
     if q_lens is None and kv_lens is None:
         return out
     if q_lens is not None:
-        row_valid = reference.key_padding_mask(q_lens, B, Lq, q.device)  # (B, Lq)
+        row_valid = reference.key_padding_mask(q_lens, Lq, q.device)  # (B, Lq)
     else:
         row_valid = torch.ones(B, Lq, dtype=torch.bool, device=q.device)
     if kv_lens is not None:

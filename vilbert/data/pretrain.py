@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..model import IGNORE_INDEX
 from .stores import BadRecordError, describe_record, open_store, validate_record
 
-IGNORE_INDEX = -100
 TOKEN_MASK_PROB = 0.15
 REGION_MASK_PROB = 0.15
 SWAP_PROB = 0.5
