@@ -1,4 +1,5 @@
-"""python -m bench {kernels,ops,model,all} [--quick] [--out DIR] [--budget-s S] [--dtype bf16|fp16] [--interpret]
+"""python -m bench {kernels,ops,model,all} [--quick] [--out DIR] [--budget-s S] [--providers a,b] [--dtype bf16|fp16]
+                 [--batch-size N] [--interpret] [--cpu-compile]
 
 Run from the repository root. Writes <suite>.json (rewritten after every row, so a run cut short keeps what it
 measured), <suite>.md and <suite>.png into --out (default bench/results/<date>-<device>/). On a machine without a GPU

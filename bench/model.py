@@ -13,10 +13,11 @@ Timing: 3 warm-up steps (compilation included there), then CUDA events around ea
 median and p20/p80. peak_mem_mb is the absolute peak allocated over the timed steps (weights, master weights,
 optimizer state, activations).
 
-Model FLOPs (perf_floors.md counting, 2 FLOP per multiply-add, the linear layers at the padded lengths): per sample,
+Model FLOPs (2 FLOP per multiply-add, the linear layers at the padded lengths): per sample,
 text layers T*L_t*2(4h^2 + 2h*ffn), visual layers V*L_v*2(4vh^2 + 2vh*vffn), co-layers T*2(4h*bi + 2h*ffn) +
 V*2(4vh*bi + 2vh*vffn) each, the image embedding V*2*2048*vh, the MLM head on the masked tokens only
 (2h^2 + 2h*vocab each); training = 3x forward. MFU = model FLOP/s over the bf16 matmul rate measured in this run.
+(train/pretrain.py's tflops count real lengths and attention too: the two are not comparable.)
 
 Correctness before timing: in eval mode (no dropout) each backend's logits and loss on the benchmark batch are
 compared with backend "torch" in fp32 (same weights); tolerance 2x the error of backend "torch" in the benchmark dtype
@@ -39,6 +40,7 @@ BACKENDS = {"reference": ("torch", False), "sdpa": ("sdpa", False), OURS: ("trit
 def make_batch(config, B: int, T: int, V: int, device, seed: int = 0) -> dict:
     """A synthetic pretraining batch with the keys, dtypes and layout of vilbert.data.PretrainCollator (padding at the
     end)."""
+    from vilbert.model import IGNORE_INDEX
     gen = torch.Generator().manual_seed(seed)
     text_lens = torch.normal(0.6 * T, 0.2 * T, (B,), generator=gen).round().clamp(3, T).long()
     image_lens = torch.randint(min(10, V - 1), V, (B,), generator=gen) + 1  # regions + the IMG token
@@ -65,7 +67,7 @@ def make_batch(config, B: int, T: int, V: int, device, seed: int = 0) -> dict:
         "image_features": features,
         "image_locations": locations,
         "image_lens": image_lens,
-        "mlm_labels": torch.where(mlm_targets, input_ids, torch.full_like(input_ids, -100)),
+        "mlm_labels": torch.where(mlm_targets, input_ids, torch.full_like(input_ids, IGNORE_INDEX)),
         "region_mask": region_mask,  # and the collator's targets: one row per masked region
         "region_targets": torch.softmax(torch.randn(int(region_mask.sum()), config.v_target_size, generator=gen) * 3,
                                         -1),
@@ -231,7 +233,8 @@ def time_backend(model, config, preset, name, compiled, B, T, V, dtype, quick, c
             B //= 2
     p50, p20, p80 = common.quantiles_ms(times)
     peak = round(torch.cuda.max_memory_allocated() / 2**20, 1) if on_gpu else None
-    masked = float((batch["mlm_labels"] != -100).sum()) / B
+    from vilbert.model import IGNORE_INDEX
+    masked = float((batch["mlm_labels"] != IGNORE_INDEX).sum()) / B
     flops = model_flops_per_sample(config, T, V, masked) * B
     tflops = flops / p50 / 1e9
     matmul = ceilings.get("bf16_matmul_tflops")
@@ -274,7 +277,7 @@ X_LABEL = "batch size"
 METHOD = {
     "step": "forward + backward + AdamW on fp32 master weights (DeepSpeed bf16 style), dropout on, train mode",
     "timing": "3 warm-up steps, then CUDA events around each of 10 steps (5 quick); median and p20/p80",
-    "tflops": "analytic model FLOPs (perf_floors.md: linear layers at padded lengths, MLM head on masked tokens, 3x "
+    "tflops": "analytic model FLOPs (linear layers at padded lengths, MLM head on masked tokens, 3x "
               "forward) / step time; mfu against the bf16 matmul rate measured in this run",
     "peak_mem_mb": "absolute peak allocated over the timed steps",
     "correct": "eval mode logits + loss vs backend torch in fp32 on the same weights and batch; tolerance 2x torch's "
