@@ -103,13 +103,35 @@ def test_finetune_trains_saves_and_reloads(task, tasks_dir, tiny_config, ds_conf
     losses, record = finetune_from_scratch(task, 4, tasks_dir, tiny_config, ds_config, output_dir)
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert 0.0 <= record[METRICS[task]] <= 1.0 and record["eval"] == "train"
-    # The saved task model is a fine-tuned checkpoint: evaluation-only reloads it and gets the same number.
+    # The saved task model is a fine-tuned checkpoint: evaluation-only reloads it (for VQA with the answers.json
+    # beside it) and gets the same number.
     again = tmp_path / f"{task}_eval"
-    extra = ["--answers", str(output_dir / "final" / "answers.json")] if task == "vqa" else []
     assert finetune.main(["--task", task, "--init", str(output_dir / "final"), "--data", tasks_dir, "--eval_only",
-                          "--deepspeed_config", ds_config, "--val_split", "train", "--output_dir", str(again),
-                          *extra]) == 0
+                          "--deepspeed_config", ds_config, "--val_split", "train", "--output_dir", str(again)]) == 0
     assert eval_record(again)[METRICS[task]] == pytest.approx(record[METRICS[task]])
+
+
+def test_continued_vqa_finetune_keeps_the_checkpoints_answers(tiny_config, ds_config, tmp_path):
+    """The head of a fine-tuned VQA model indexes its answers.json: training it further on other questions (whose
+    own top answers come in another order) must keep that vocabulary, not rebuild one."""
+    tasks_dir = str(write_synthetic_tasks(tmp_path / "data", {"train": 8, "val": 8}))
+    first = tmp_path / "first"
+    finetune_from_scratch("vqa", 2, tasks_dir, tiny_config, ds_config, first)
+    answers = json.loads((first / "final" / "answers.json").read_text())
+    assert finetune.main(["--task", "vqa", "--init", str(first / "final"), "--data", tasks_dir, "--max_steps", "2",
+                          "--train_split", "val", "--deepspeed_config", ds_config,
+                          "--output_dir", str(tmp_path / "second")]) == 0
+    assert json.loads((tmp_path / "second" / "final" / "answers.json").read_text()) == answers
+
+
+def test_official_checkpoint_directory_takes_its_config_from_model(tasks_dir, tiny_config, ds_config, tmp_path):
+    official = tmp_path / "official"
+    official.mkdir()
+    torch.save(ViLBERTForRetrieval(ViLBERTConfig.from_json(tiny_config)).to_official_state_dict(),
+               official / "pytorch_model.bin")
+    assert finetune.main(["--task", "retrieval", "--init", str(official), "--model", tiny_config, "--eval_only",
+                          "--data", tasks_dir, "--deepspeed_config", ds_config,
+                          "--output_dir", str(tmp_path / "out")]) == 0
 
 
 # Chance levels on the train split of the tiny set (8 images, 16 questions / captions / expressions): VQA, a uniform
@@ -225,6 +247,21 @@ def test_score_all_pairs_matches_one_pair_at_a_time(tasks_dir):
             with torch.no_grad():
                 alone = model(**model_inputs(TaskCollator()([sample]))).logits
             assert scores[i, c].item() == pytest.approx(alone.item(), abs=1e-5)
+
+
+def test_score_all_pairs_runs_the_model_without_dropout(tasks_dir):
+    from vilbert.data import open_store
+    from vilbert.tasks.models import retrieval_score
+    from vilbert.tasks.retrieval import load_captions, retrieval_eval_set, score_all_pairs
+
+    config = ViLBERTConfig.preset("tiny", vocab_size=load_tokenizer().vocab_size, hidden_dropout_prob=0.3,
+                                  attention_probs_dropout_prob=0.3, v_hidden_dropout_prob=0.3)
+    model = ViLBERTForRetrieval(config)  # in train mode, as after training
+    store, tokenizer = open_store(os.path.join(tasks_dir, "features")), load_tokenizer()
+    image_ids, captions, _ = retrieval_eval_set(load_captions(os.path.join(tasks_dir, "captions_val.jsonl")))
+    first, second = (score_all_pairs(retrieval_score(model), store, tokenizer, image_ids, captions[:3])
+                     for _ in range(2))
+    assert torch.equal(first, second) and model.training
 
 
 # ---------------------------------------------------------------------------------------------- single-stream baseline

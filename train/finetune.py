@@ -42,7 +42,7 @@ checkpoint on every rank and exits 0; running the same command again resumes fro
 
 output_dir holds global_step<N>/ (DeepSpeed checkpoints, every --save_interval steps and at the end; the last
 --keep_last kept), `latest`, metrics.jsonl (one line per log step: step, samples, epoch, lr, loss, train_metric (the
-task's training metric, see batch_hits), samples_per_s, data_wait, max_mem_mb; then one "eval" line), final/
+task's training metric, see task_hits), samples_per_s, data_wait, max_mem_mb; then one "eval" line), final/
 (`save_pretrained` of the task model's fp32 weights; for VQA also answers.json, the answer vocabulary). Evaluation runs
 on rank 0 over the whole val split: VQA accuracy, R@1/5/10 both ways, referring accuracy at IoU 0.5. ZeRO-3 is not
 supported here (ZeRO 0-2 are).
@@ -63,12 +63,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from loop import (UsageError, add_run_arguments, build_config, check_run_arguments, default_workers,  # noqa: E402
                   fp32_weights, gpu_available, init_distributed, load_ds_config, train, world_from_env)
 
+from vilbert.checkpoint import is_pretrained_dir  # noqa: E402
+from vilbert.config import default_backend  # noqa: E402
 from vilbert.data import load_tokenizer, open_store  # noqa: E402
 from vilbert.tasks.common import TaskCollator, model_inputs  # noqa: E402
-from vilbert.tasks.metrics import retrieval_recall, summarize_recall, vqa_score_from_logits  # noqa: E402
+from vilbert.tasks.metrics import retrieval_recall, summarize_recall  # noqa: E402
 from vilbert.tasks.models import (ARCHITECTURES, TASKS, alignment_score, evaluate_batches,  # noqa: E402
-                                  load_pretraining_model, load_task_model, retrieval_score)
-from vilbert.tasks.referring import ReferringDataset, load_refs, referring_hits  # noqa: E402
+                                  load_pretraining_model, load_task_model, retrieval_score, task_hits)
+from vilbert.tasks.referring import ReferringDataset, load_refs  # noqa: E402
 from vilbert.tasks.retrieval import (JSON_LINES_SUFFIXES, NUM_CHOICES, RetrievalTrainDataset,  # noqa: E402
                                      load_captions, retrieval_eval_set, score_all_pairs)
 from vilbert.tasks.synthetic import FEATURES_DIR, ensure_synthetic_tasks  # noqa: E402
@@ -94,7 +96,8 @@ def parse_args(argv=None):
                         help="ViLBERT (two-stream) or the paper's single-stream baseline (default: what --init is; "
                              "two-stream for --init none and official checkpoints)")
     parser.add_argument("--vocab_file", help="BERT vocab.txt (default: the vocab shipped for the built-in data)")
-    parser.add_argument("--answers", help="VQA answer vocabulary JSON list (default: the top 3129 train answers)")
+    parser.add_argument("--answers", help="VQA answer vocabulary JSON list (default: --init's answers.json if it has "
+                                           "one, else the top 3129 train answers)")
     parser.add_argument("--max_regions", type=int, default=100, help="regions per image (+ the IMG token)")
     parser.add_argument("--eval_only", action="store_true", help="evaluate --init on the val split, no training")
     parser.add_argument("--zero_shot", action="store_true",
@@ -142,9 +145,10 @@ def build_datasets(args, data_dir, store, tokenizer):
                     raise UsageError(f"--data {data_dir!r}: no {os.path.basename(path)}")
             return load_vqa(questions, annotations)
         train_examples = None if args.eval_only else examples(args.train_split)
+        # A fine-tuned VQA checkpoint's head indexes the answers it was trained with: keep them when continuing it.
         if args.answers:
             vocab = AnswerVocab.load(args.answers)
-        elif args.eval_only and os.path.isfile(os.path.join(args.init, "answers.json")):
+        elif args.init and os.path.isfile(os.path.join(args.init, "answers.json")):
             vocab = AnswerVocab.load(os.path.join(args.init, "answers.json"))
         elif train_examples is not None:
             vocab = AnswerVocab.build(train_examples, VQA2_NUM_ANSWERS)
@@ -182,22 +186,11 @@ def task_targets(task, batch):
     return {"choice_labels": torch.zeros(groups, dtype=torch.long, device=batch["input_ids"].device)}
 
 
-@torch.no_grad()
-def batch_hits(task, logits, batch):
-    """Per-example training metric: VQA score, referring hit, or whether the positive won the 4-way choice."""
-    if task == "vqa":
-        return vqa_score_from_logits(logits.float(), batch["answer_scores"])
-    if task == "referring":
-        return referring_hits(logits.float(), batch)
-    return (logits.view(-1, NUM_CHOICES).argmax(dim=1) == 0).float()  # (groups,)
-
-
 def evaluate(args, model, val, store, tokenizer, device):
     """The task's metrics on the val split (rank 0), as a flat dict of floats."""
     if args.task == "retrieval":
         image_ids, captions, caption_image = val
         score_fn = alignment_score(model) if args.zero_shot else retrieval_score(model)
-        model.eval()
         scores = score_all_pairs(score_fn, store, tokenizer, image_ids, captions, image_chunk=args.eval_batch_size,
                                  max_text_len=MAX_TEXT_LEN["retrieval"], max_regions=args.max_regions, device=device)
         recall = retrieval_recall(scores, caption_image)
@@ -220,23 +213,24 @@ def main(argv=None):
         if args.vocab_file is not None and not os.path.isfile(args.vocab_file):
             raise UsageError(f"--vocab_file {args.vocab_file!r} does not exist")
         tokenizer = load_tokenizer(args.vocab_file)
-        # The config comes from the checkpoint directory, else from --model (fresh weights or an official .bin).
-        config = (build_config(args.model, tokenizer.vocab_size) if args.init is None or not os.path.isdir(args.init)
-                  else None)
+        # The config comes from a save_pretrained directory, else from --model (fresh weights, or an official
+        # checkpoint: a .bin or its directory).
+        config = None if is_pretrained_dir(args.init) else build_config(args.model, tokenizer.vocab_size)
         if args.data is not None and not os.path.isdir(args.data):
             raise UsageError(f"--data {args.data!r} is not a directory")
     except UsageError as e:
         if rank == 0:
             print(f"finetune.py: error: {e}", file=sys.stderr)
         return 2
-    args.backend = args.backend or ("triton" if on_gpu else "torch")
+    args.backend = args.backend or default_backend(on_gpu)
     default_workers(args, on_gpu)
 
     init_distributed(on_gpu)
     if rank == 0:
         print(f"finetune.py: task {args.task}, {device_note}, {world_size} rank(s), backend {args.backend}", flush=True)
-        data_dir = args.data or ensure_synthetic_tasks()
-    dist.barrier()  # rank 0 wrote the built-in tasks (if needed) before the others read them
+    if args.data is None and int(os.environ["LOCAL_RANK"]) == 0:
+        ensure_synthetic_tasks()  # one writer per node; the others wait at the barrier
+    dist.barrier()
     data_dir = args.data or ensure_synthetic_tasks()
     try:
         store = open_store(args.features or os.path.join(data_dir, FEATURES_DIR))
@@ -289,10 +283,10 @@ def main(argv=None):
 
 def finetuning_step(engine, batch, task):
     """One micro batch forward (loop.train's micro_step): the loss, and the sums logged per window: the loss and the
-    training metric's sum on the device, its example count on the host (see batch_hits)."""
+    training metric's sum on the device, its example count on the host (see task_hits)."""
     batch = {k: v.to(engine.device) for k, v in batch.items()}
     out = engine(**model_inputs(batch), **task_targets(task, batch))
-    hits = batch_hits(task, out.logits.detach(), batch)
+    hits = task_hits(task, out.logits.detach(), batch)
     return out.loss, torch.stack([out.loss.detach().double(), hits.sum().double()]), [len(hits)]
 
 

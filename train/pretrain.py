@@ -90,7 +90,9 @@ def train_flops(config, text_lens, image_lens, num_mlm_targets, num_region_targe
 
     Counted from the config per real (unpadded) token and region: each layer's projections and FFN (the weights a
     position touches) and its attention matmuls (scores and context: 2 x length x width per query); the image
-    embedding; the MLM and region heads on their targets only (as the model computes them).
+    embedding; the MLM and region heads on their targets only (as the model computes them). (The benchmark's
+    `model_flops_per_sample` counts the linear layers at the padded lengths, without attention matmuls or the region
+    head, so its TFLOP/s are not comparable with these.)
     Padding, softmax, LayerNorm, GELU and the poolers are left out (no matmuls or negligible). Single-stream: the
     text layers run over tokens and regions together, at the text width.
     """

@@ -46,6 +46,13 @@ class LoadReport:
                 f"unexpected {len(self.unexpected)}: [{few(self.unexpected)}]; skipped {len(self.skipped)} dead")
 
 
+def is_pretrained_dir(path) -> bool:
+    """Whether `path` is a directory `save_pretrained` wrote (config + weights), which carries its own config; an
+    official checkpoint's directory does not, even with a config.json beside its pytorch_model.bin."""
+    return (path is not None and os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG_NAME))
+            and os.path.isfile(os.path.join(path, WEIGHTS_NAME)))
+
+
 def read_state_dict(source: Union[str, os.PathLike, Mapping[str, torch.Tensor]]) -> Mapping[str, torch.Tensor]:
     """A state dict as given, or read from a file (.bin/.pt via torch.load, .safetensors) or a directory holding
     model.safetensors, pytorch_model.bin or one pytorch_model*.bin (the official names). The `module.` prefix that a

@@ -4,12 +4,26 @@ A task sample is a dict of tensors with the model's input keys (as in pretrainin
   input_ids (T,), token_type_ids (T,), text_lens (), image_features (V, 2048), image_locations (V, 5), image_lens ()
 plus the task's own targets. `TaskCollator` pads them at the end into (B, T) / (B, V, ...) batches.
 """
-from typing import Dict, List, Mapping, Sequence, Union
+import contextlib
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from vilbert.data.pretrain import IMG_LOCATION, image_locations
+
+
+@contextlib.contextmanager
+def eval_mode(model: Optional[torch.nn.Module]):
+    """Runs the block with `model` in eval mode (no dropout) and puts back its train/eval mode after; None: nothing."""
+    was_training = model is not None and model.training
+    if model is not None:
+        model.eval()
+    try:
+        yield
+    finally:
+        if model is not None:
+            model.train(was_training)
 
 
 def index_images(store) -> Dict[object, int]:

@@ -22,13 +22,13 @@ import torch
 from vilbert import (SingleStreamForPretraining, SingleStreamForReferring, SingleStreamForRetrieval,
                      SingleStreamForVQA, ViLBERTConfig, ViLBERTForPretraining, ViLBERTForReferring,
                      ViLBERTForRetrieval, ViLBERTForVQA)
-from vilbert.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_state_dict
+from vilbert.checkpoint import CONFIG_NAME, WEIGHTS_NAME, is_pretrained_dir, read_state_dict
 from vilbert.model import alignment_log_odds
 
-from .common import model_inputs
+from .common import eval_mode, model_inputs
 from .metrics import vqa_score_from_logits
 from .referring import referring_hits
-from .retrieval import PairScorer
+from .retrieval import NUM_CHOICES, PairScorer
 
 ARCHITECTURES = ("two-stream", "single-stream")
 PRETRAINING_MODELS = {"two-stream": ViLBERTForPretraining, "single-stream": SingleStreamForPretraining}
@@ -88,7 +88,7 @@ def load_task_model(task: str, init: Optional[str], config: Optional[ViLBERTConf
     path = Path(init)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {init!r} does not exist")
-    if path.is_dir() and (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file():
+    if is_pretrained_dir(path):
         state = read_state_dict(path / WEIGHTS_NAME)
         found = checkpoint_architecture(state, str(path / WEIGHTS_NAME))
         _check_architecture(found, architecture, init)
@@ -160,32 +160,40 @@ def alignment_score(model: ViLBERTForPretraining) -> PairScorer:
     """score_fn for `score_all_pairs`: the alignment head's log-odds that the caption belongs to the image."""
     def head(out):
         return alignment_log_odds(model.alignment_logits(out).float())  # (rows,)
-    return PairScorer(model.bert, head)
+    return PairScorer(model.bert, head, model)
 
 
 def retrieval_score(model: ViLBERTForRetrieval) -> PairScorer:
     """score_fn for `score_all_pairs`: the fine-tuned pair-score head (vil_logit)."""
-    return PairScorer(model.bert, model.pair_scores)
+    return PairScorer(model.bert, model.pair_scores, model)
+
+
+@torch.no_grad()
+def task_hits(task: str, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Per-example metric of a task batch: the VQA score, the referring hit (IoU >= 0.5), or for retrieval training
+    batches (groups of NUM_CHOICES pairs, the positive first, as RetrievalTrainDataset makes them) whether the positive
+    scored highest, per group."""
+    if task == "vqa":
+        return vqa_score_from_logits(logits.float(), batch["answer_scores"])
+    if task == "referring":
+        return referring_hits(logits.float(), batch)
+    if task == "retrieval":
+        return (logits.view(-1, NUM_CHOICES).argmax(dim=1) == 0).float()  # (groups,)
+    raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
 
 
 @torch.no_grad()
 def evaluate_batches(task: str, model, loader, device) -> dict:
     """VQA accuracy or referring accuracy (IoU >= 0.5) of `model` over a loader of task batches, in [0, 1]."""
-    was_training = model.training
-    model.eval()
+    if task not in ("vqa", "referring"):
+        raise ValueError(f"evaluate_batches handles vqa and referring (retrieval: score_all_pairs), got {task!r}")
     total, count = 0.0, 0
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(**model_inputs(batch)).logits
-        if task == "vqa":
-            hits = vqa_score_from_logits(logits.float(), batch["answer_scores"])
-        elif task == "referring":
-            hits = referring_hits(logits.float(), batch)
-        else:
-            raise ValueError(f"evaluate_batches handles vqa and referring (retrieval: score_all_pairs), got {task!r}")
-        total += hits.sum().item()
-        count += len(hits)
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            hits = task_hits(task, model(**model_inputs(batch)).logits, batch)
+            total += hits.sum().item()
+            count += len(hits)
     if count == 0:
         raise ValueError("evaluation loader yielded no samples")
     return {"vqa_accuracy" if task == "vqa" else "referring_accuracy": total / count, "num_samples": count}

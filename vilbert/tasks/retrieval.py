@@ -18,7 +18,7 @@ import torch
 
 from vilbert.model import ViLBERTOutput
 
-from .common import TaskCollator, encode_regions, encode_text, image_key, index_images, item_generator
+from .common import TaskCollator, encode_regions, encode_text, eval_mode, image_key, index_images, item_generator
 
 NUM_CHOICES = 4
 JSON_LINES_SUFFIXES = (".jsonl", ".jsonline", ".jsonlines")
@@ -140,10 +140,12 @@ class PairScorer:
     (caption, chunk of images). With an encoder that has per-stream prefixes (ViLBERTModel's encode_text, encode_image,
     fuse_streams) `text` and `image` run them and `pairs` only the fused rest; with any other encoder (the
     single-stream model has no text-only layers) `text` and `image` keep the inputs and `pairs` runs the whole model.
+    `model`, when given, is the module that holds encoder and head: `score_all_pairs` runs it in eval mode.
     """
 
-    def __init__(self, encoder: Callable[..., ViLBERTOutput], head: Callable[[ViLBERTOutput], torch.Tensor]):
-        self.encoder, self.head = encoder, head
+    def __init__(self, encoder: Callable[..., ViLBERTOutput], head: Callable[[ViLBERTOutput], torch.Tensor],
+                 model: Optional[torch.nn.Module] = None):
+        self.encoder, self.head, self.model = encoder, head, model
         self.shares_prefixes = all(hasattr(encoder, name) for name in ("encode_text", "encode_image", "fuse_streams"))
 
     def __call__(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -181,22 +183,23 @@ def score_all_pairs(score_fn: Callable[[Dict[str, torch.Tensor]], torch.Tensor],
     Each image is read, encoded and padded once, and each caption tokenized once; one caption is scored against
     `image_chunk` images per model call. score_fn: a `PairScorer` (vilbert.tasks.models.retrieval_score or
     alignment_score), whose model runs its text-only layers once per caption and its image-only layers once per image
-    where it has them; or any callable batch -> (rows,) scores, run on whole batches of pairs.
+    where it has them (in eval mode: no dropout); or any callable batch -> (rows,) scores, run on whole batches of pairs.
     """
     if not isinstance(score_fn, PairScorer):
         score_fn = PairScorer(encoder=lambda **batch: batch, head=score_fn)  # no prefixes: score_fn sees each batch
     image_index = index_images(store)
     images = TaskCollator()([encode_regions(store[image_index[image_key(i)]], max_regions) for i in image_ids])
-    chunks = [score_fn.image(*(images[k][start: start + image_chunk].to(device)
-                               for k in ("image_features", "image_locations", "image_lens")))
-              for start in range(0, len(image_ids), image_chunk)]
     scores = torch.empty(len(image_ids), len(captions))
-    for c, caption in enumerate(captions):
-        tokens = encode_text(tokenizer, caption, max_text_len)
-        text = score_fn.text(*(tokens[k][None].to(device) for k in ("input_ids", "token_type_ids", "text_lens")))
-        start = 0
-        for image in chunks:
-            rows = image["image_lens"].shape[0]
-            scores[start: start + rows, c] = score_fn.pairs(text, image).float().cpu()
-            start += rows
+    with eval_mode(score_fn.model):
+        chunks = [score_fn.image(*(images[k][start: start + image_chunk].to(device)
+                                   for k in ("image_features", "image_locations", "image_lens")))
+                  for start in range(0, len(image_ids), image_chunk)]
+        for c, caption in enumerate(captions):
+            tokens = encode_text(tokenizer, caption, max_text_len)
+            text = score_fn.text(*(tokens[k][None].to(device) for k in ("input_ids", "token_type_ids", "text_lens")))
+            start = 0
+            for image in chunks:
+                rows = image["image_lens"].shape[0]
+                scores[start: start + rows, c] = score_fn.pairs(text, image).float().cpu()
+                start += rows
     return scores
