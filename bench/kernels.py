@@ -528,7 +528,7 @@ def flops(case: Case, mode: str) -> float:
 
 
 def min_bytes(case: Case, mode: str, elem: int) -> float:
-    """Minimal bytes moved (the module docstring's counting): each input read once, each output written once, fp32 LSE."""
+    """Minimal bytes moved (see the module docstring): each input read once, each output written once, fp32 LSE."""
     if case.op == "co_attention":
         q_set = kv_set = case.B * case.H * case.D * (case.Lq + case.Lk) * elem  # both directions: one set per stream
         lse = case.B * case.H * (case.Lq + case.Lk) * 4

@@ -275,7 +275,7 @@ def _launch_layer_norm_bwd(dy, z, weight, mean, rstd, has_residual, dropout_p, s
 
 
 def _dropout_keep_mask(n_rows, C, dropout_p, seed, device):
-    """The (n_rows, C) bool keep mask the kernels draw for (dropout_p, seed) (seed: a `launch.draw_seed` tensor), for tests
+    """The (n_rows, C) bool keep mask the kernels draw for (dropout_p, seed) (seed: from `draw_seed`), for tests
     (the op never stores it): the forward kernel itself, run on ones, stores z = keep / (1 - dropout_p)."""
     ones = torch.ones((n_rows, C), dtype=torch.float32, device=device)
     _, z, _, _ = _launch_layer_norm_fwd(ones, ones[0], ones[0], 1.0, None, dropout_p, int(seed))

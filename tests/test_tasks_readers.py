@@ -128,6 +128,9 @@ def test_retrieval_caption_readers(tmp_path):
     assert pairs == [(1, "a dog"), (1, "one dog"), (3, "a bird")]
     image_ids, captions, caption_image = retrieval_eval_set(pairs)
     assert image_ids == [1, 3] and caption_image.tolist() == [0, 0, 1]
+    coco = {"annotations": [{"image_id": 5, "caption": "a cow"}, {"image_id": 5, "caption": "cows"}]}
+    obj.write_text(json.dumps(coco))
+    assert load_captions(str(obj)) == [(5, "a cow"), (5, "cows")]  # COCO's captions file
     obj.write_text(json.dumps(["a dog"]))
     with pytest.raises(ValueError, match="JSON object"):
         load_captions(str(obj))

@@ -504,7 +504,7 @@ class PretrainingHeads(nn.Module):
         self.imagePredictions = ImagePredictionHead(config, image_hidden_size)
 
 
-def fuse(config: ViLBERTConfig, pooled_text, pooled_image):
+def fuse_pooled(config: ViLBERTConfig, pooled_text, pooled_image):
     """The joint vector of the pair: elementwise product ("mul", the paper) or sum."""
     return pooled_text * pooled_image if config.pooling_method == "mul" else pooled_text + pooled_image
 
@@ -579,7 +579,7 @@ class ViLBERTForPretraining(CheckpointMixin, nn.Module):
 
     def alignment_logits(self, out: ViLBERTOutput) -> torch.Tensor:
         """The alignment head on an encoder output: (B, 2) logits, index ALIGNED = the caption belongs to the image."""
-        return self.cls.bi_seq_relationship(self.dropout(fuse(self.config, out.pooled_text, out.pooled_image)))
+        return self.cls.bi_seq_relationship(self.dropout(fuse_pooled(self.config, out.pooled_text, out.pooled_image)))
 
 
 def alignment_class(is_aligned: torch.Tensor) -> torch.Tensor:
@@ -657,7 +657,7 @@ class _TaskModel(CheckpointMixin, nn.Module):
         head.apply(lambda m: init_weights(m, self.config.initializer_range))
 
     def _joint(self, out: ViLBERTOutput):
-        return self.dropout(fuse(self.config, out.pooled_text, out.pooled_image))  # (B, bi_hidden_size)
+        return self.dropout(fuse_pooled(self.config, out.pooled_text, out.pooled_image))  # (B, bi_hidden_size)
 
 
 def _check_scores(name, scores, shape):

@@ -648,7 +648,8 @@ def open_store(path: str | os.PathLike, format: str | None = None) -> Sequence:
 
 def load_captions(path: str | os.PathLike) -> dict[str, list[str]]:
     """Captions keyed by str(image_id) from JSON: {image_id: caption or [captions]} (official caption_{train,val}.json)
-    or COCO-style {"annotations": [{"image_id", "caption"}, ...]}."""
+    or COCO-style {"annotations": [{"image_id", "caption"}, ...]}. (`vilbert.tasks.retrieval.load_captions` gives
+    (image_id, caption) pairs from these and from JSON lines.)"""
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     captions: dict[str, list[str]] = {}

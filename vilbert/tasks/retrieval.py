@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from vilbert.data.stores import load_captions as caption_json
 from vilbert.model import ViLBERTOutput
 
 from .common import TaskCollator, encode_regions, encode_text, eval_mode, image_key, index_images, item_generator
@@ -36,12 +37,14 @@ def _line_image_id(rec: dict):
 
 
 def load_captions(path: str) -> List[Tuple[object, str]]:
-    """(image_id, caption) pairs from a JSON-lines or JSON caption file, in file order."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    """(image_id, caption) pairs from a JSON-lines caption file (vilbert-multi-task's .jsonline) or a JSON one (any
+    layout `vilbert.data.stores.load_captions` reads: {image_id: caption or [captions]}, COCO's annotations), in file
+    order."""
     pairs = []
     if path.endswith(JSON_LINES_SUFFIXES):
-        for line_no, line in enumerate(text.splitlines(), 1):
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        for line_no, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             rec = json.loads(line)
@@ -52,13 +55,8 @@ def load_captions(path: str) -> List[Tuple[object, str]]:
             captions = rec["sentences"] if "sentences" in rec else [rec["caption"]]
             pairs.extend((image_key(image_id), c) for c in captions)
     else:
-        data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object {{image_id: [captions]}} (or a JSON-lines file), "
-                             f"got a {type(data).__name__}")
-        for image_id, captions in data.items():
-            captions = [captions] if isinstance(captions, str) else captions
-            pairs.extend((image_key(image_id), c) for c in captions)
+        pairs = [(image_key(image_id), caption)
+                 for image_id, captions in caption_json(path).items() for caption in captions]
     if not pairs:
         raise ValueError(f"{path}: no captions found")
     return pairs
@@ -183,7 +181,8 @@ def score_all_pairs(score_fn: Callable[[Dict[str, torch.Tensor]], torch.Tensor],
     Each image is read, encoded and padded once, and each caption tokenized once; one caption is scored against
     `image_chunk` images per model call. score_fn: a `PairScorer` (vilbert.tasks.models.retrieval_score or
     alignment_score), whose model runs its text-only layers once per caption and its image-only layers once per image
-    where it has them (in eval mode: no dropout); or any callable batch -> (rows,) scores, run on whole batches of pairs.
+    where it has them, in eval mode (no dropout); or any callable batch -> (rows,) scores, run on whole batches of
+    pairs.
     """
     if not isinstance(score_fn, PairScorer):
         score_fn = PairScorer(encoder=lambda **batch: batch, head=score_fn)  # no prefixes: score_fn sees each batch
