@@ -34,6 +34,7 @@ Layout legend: B batch, Lq / Lk query / key length, H heads, D head dim; T text 
 Precision: fp32 accumulation and statistics (m, l, LSE, delta); outputs and gradients in the inputs' dtype. fp32
 inputs multiply in exact fp32 or, when PyTorch's fp32 matmul setting allows it, in TF32 (see `dot_precision`).
 """
+import itertools
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -43,7 +44,8 @@ import triton
 import triton.language as tl
 
 from .kernel_spec import KernelSpec
-from .launch import device_of, draw_seed
+from .launch import (HOPPER_SHARED_MEMORY, SUPPORTED_DTYPES, check_device, device_of, draw_seed,
+                     shared_memory_per_program)
 from .philox import philox_keep
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): the kernels work in base 2
@@ -55,12 +57,9 @@ LN2 = tl.constexpr(0.6931471805599453)
 # ----------------------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _valid_len(LENS, b, L, HAS_LENS: tl.constexpr):
-    """Number of real positions of sample b: LENS[b] clamped to [0, L] (int32); L when there is no LENS."""
-    n = L
-    if HAS_LENS:
-        n = tl.minimum(tl.maximum(tl.load(LENS + b), 0), L).to(tl.int32)  # clamped before the cast: int64 lens
-    return n
+def _valid_len(LENS, b, L):
+    """Number of real positions of sample b: LENS[b] clamped to [0, L] (int32)."""
+    return tl.minimum(tl.maximum(tl.load(LENS + b), 0), L).to(tl.int32)  # clamped before the cast: int64 lens
 
 
 @triton.jit
@@ -68,12 +67,12 @@ def _direction_inputs(
     direction, b, h, Q0, K0, V0, Q1, K1, V1, LENS_A, LENS_B,
     stride_q0b, stride_q0l, stride_q0h, stride_k0b, stride_k0l, stride_k0h, stride_v0b, stride_v0l, stride_v0h,
     stride_q1b, stride_q1l, stride_q1h, stride_k1b, stride_k1l, stride_k1h, stride_v1b, stride_v1l, stride_v1h,
-    L_A, L_B, HAS_LENS_A: tl.constexpr, HAS_LENS_B: tl.constexpr,
+    L_A, L_B,
 ):
     """Direction 0 is L_A queries over L_B keys, direction 1 the reverse. Returns the (b, h) row-0 pointers of q, k, v,
     their row strides, the padded lengths Lq, Lk and the real lengths q_len, kv_len."""
-    len_a = _valid_len(LENS_A, b, L_A, HAS_LENS_A)
-    len_b = _valid_len(LENS_B, b, L_B, HAS_LENS_B)
+    len_a = _valid_len(LENS_A, b, L_A)
+    len_b = _valid_len(LENS_B, b, L_B)
     if direction == 0:
         q = Q0 + b * stride_q0b + h * stride_q0h
         k = K0 + b * stride_k0b + h * stride_k0h
@@ -112,13 +111,13 @@ def _keep_mask(SEED, stream, rows, first_col, Lk, dropout_p, BLOCK_M: tl.constex
 def _attention_fwd_kernel(
     Q0, K0, V0, O0, LSE0,  # direction 0: q (B, L_A, H, D), k/v (B, L_B, H, D), out (B, L_A, H, D), lse (B, H, L_A)
     Q1, K1, V1, O1, LSE1,  # direction 1 (co-attention only): q (B, L_B, H, D), k/v (B, L_A, H, D), out, lse
-    LENS_A, LENS_B,  # (B,) int lengths of the L_A / L_B sequences (None when HAS_LENS_* is False)
+    LENS_A, LENS_B,  # (B,) int lengths of the L_A / L_B sequences (the launcher passes full ones when none given)
     stride_q0b, stride_q0l, stride_q0h, stride_k0b, stride_k0l, stride_k0h, stride_v0b, stride_v0l, stride_v0h,
     stride_q1b, stride_q1l, stride_q1h, stride_k1b, stride_k1l, stride_k1h, stride_v1b, stride_v1l, stride_v1h,
     L_A, L_B,  # padded sequence lengths
     H,  # heads
     softmax_scale, dropout_p, SEED,
-    HAS_LENS_A: tl.constexpr, HAS_LENS_B: tl.constexpr, DROPOUT: tl.constexpr,
+    DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program per (batch*head, query tile, direction): out and LSE of BLOCK_M queries."""
@@ -131,7 +130,7 @@ def _attention_fwd_kernel(
         direction, b, h, Q0, K0, V0, Q1, K1, V1, LENS_A, LENS_B,
         stride_q0b, stride_q0l, stride_q0h, stride_k0b, stride_k0l, stride_k0h, stride_v0b, stride_v0l, stride_v0h,
         stride_q1b, stride_q1l, stride_q1h, stride_k1b, stride_k1l, stride_k1h, stride_v1b, stride_v1l, stride_v1h,
-        L_A, L_B, HAS_LENS_A, HAS_LENS_B)
+        L_A, L_B)
     if direction == 0:
         O, LSE = O0, LSE0
     else:
@@ -189,7 +188,7 @@ def _attention_bwd_dkdv_kernel(
     stride_q1b, stride_q1l, stride_q1h, stride_k1b, stride_k1l, stride_k1h, stride_v1b, stride_v1l, stride_v1h,
     L_A, L_B, H,
     softmax_scale, dropout_p, SEED,
-    HAS_LENS_A: tl.constexpr, HAS_LENS_B: tl.constexpr, DROPOUT: tl.constexpr,
+    DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     FUSED_DQ: tl.constexpr,  # one key block covers every key (Lk <= BLOCK_N): also write dQ, complete per query tile
 ):
@@ -204,7 +203,7 @@ def _attention_bwd_dkdv_kernel(
         direction, b, h, Q0, K0, V0, Q1, K1, V1, LENS_A, LENS_B,
         stride_q0b, stride_q0l, stride_q0h, stride_k0b, stride_k0l, stride_k0h, stride_v0b, stride_v0l, stride_v0h,
         stride_q1b, stride_q1l, stride_q1h, stride_k1b, stride_k1l, stride_k1h, stride_v1b, stride_v1l, stride_v1h,
-        L_A, L_B, HAS_LENS_A, HAS_LENS_B)
+        L_A, L_B)
     if direction == 0:
         O, LSE, DO, DK, DV, DQ = O0, LSE0, DO0, DK0, DV0, DQ0
     else:
@@ -272,7 +271,7 @@ def _attention_bwd_dq_kernel(
     stride_q1b, stride_q1l, stride_q1h, stride_k1b, stride_k1l, stride_k1h, stride_v1b, stride_v1l, stride_v1h,
     L_A, L_B, H,
     softmax_scale, dropout_p, SEED,
-    HAS_LENS_A: tl.constexpr, HAS_LENS_B: tl.constexpr, DROPOUT: tl.constexpr,
+    DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program per (batch*head, query tile, direction): dQ of BLOCK_M queries, looping over the key blocks."""
@@ -285,7 +284,7 @@ def _attention_bwd_dq_kernel(
         direction, b, h, Q0, K0, V0, Q1, K1, V1, LENS_A, LENS_B,
         stride_q0b, stride_q0l, stride_q0h, stride_k0b, stride_k0l, stride_k0h, stride_v0b, stride_v0l, stride_v0h,
         stride_q1b, stride_q1l, stride_q1h, stride_k1b, stride_k1l, stride_k1h, stride_v1b, stride_v1l, stride_v1h,
-        L_A, L_B, HAS_LENS_A, HAS_LENS_B)
+        L_A, L_B)
     if direction == 0:
         O, LSE, DO, DQ = O0, LSE0, DO0, DQ0
     else:
@@ -355,9 +354,11 @@ def _block(length: int) -> int:
     return min(max(16, triton.next_power_of_2(length)), 64)
 
 
-def attention_launch_config(lq: int, lk: int, head_dim: int, precision: str = "half") -> dict:
+def attention_launch_config(lq: int, lk: int, head_dim: int, precision: str = "half",
+                            shared_memory: int = HOPPER_SHARED_MEMORY) -> dict:
     """Block sizes and warps of the three kernels for at most lq queries and lk keys (max over both directions), for
-    matrix products in `precision` ("half", "tf32" or "ieee": see `dot_precision`).
+    matrix products in `precision` ("half", "tf32" or "ieee": see `dot_precision`), on a GPU that gives a program
+    `shared_memory` bytes.
 
     Tiles are short (16/32/64) because the sequences are: one query tile and one or two key blocks per (batch, head)
     at ViLBERT's lengths. The tile each program owns (queries in fwd/dq, keys in dkdv) is up to 64 rows, so Hopper's
@@ -371,14 +372,17 @@ def attention_launch_config(lq: int, lk: int, head_dim: int, precision: str = "h
     that block steps over 16 queries at a time with three load stages: 32 queries, or two stages, spill with dropout
     (compile_check, triton 3.6).
 
-    TF32 and exact fp32 have tiles of their own: see _tf32_launch_config and _fp32_launch_config.
+    TF32 and exact fp32 have tiles of their own: see _tf32_launch_config and _fp32_launch_config. TF32's 128-key
+    dK/dV block needs Hopper's shared memory (up to 216 KB at D=128); with less (A100: 163 KB, Ada: 99 KB) the TF32
+    backward keeps two launches.
     """
     own_m, own_n = _block(lq), _block(lk)
     if precision == "ieee":
         return _fp32_launch_config(own_m, own_n, head_dim)
     num_warps = 4 if head_dim <= 64 else 8
     dkdv = dict(BLOCK_M=min(own_m, 32), BLOCK_N=own_n, num_warps=num_warps, num_stages=2)
-    if 64 < lk <= 128 and head_dim <= 128:
+    one_launch_fits = precision != "tf32" or shared_memory >= HOPPER_SHARED_MEMORY
+    if 64 < lk <= 128 and head_dim <= 128 and one_launch_fits:
         dkdv.update(BLOCK_N=128, num_warps=8)
         if head_dim > 64:
             dkdv.update(BLOCK_M=16, num_stages=3)
@@ -434,11 +438,13 @@ def _fp32_launch_config(own_m: int, own_n: int, head_dim: int) -> dict:
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     """The kernels read rows of headdim contiguous elements starting at 16-byte boundaries (so they can use vector
-    loads): true of contiguous tensors and of slices of a fused projection. Anything else is copied once."""
+    loads), at 32-bit offsets from their sample and head: true of contiguous tensors and of slices of a fused
+    projection. Anything else (e.g. a sequence-first layout with a huge row stride) is copied once."""
     def ok(x):
         return (x.stride(-1) == 1 and x.data_ptr() % 16 == 0
                 and all(stride * x.element_size() % 16 == 0 for size, stride in zip(x.shape[:3], x.stride()[:3])
-                        if size > 1))
+                        if size > 1)
+                and (x.shape[1] + _MAX_TILE) * x.stride(1) + x.shape[3] <= _MAX_ROW_OFFSET)
     if ok(t):
         return t
     t = t.contiguous()
@@ -461,13 +467,17 @@ def _common_args(directions, lens_a, lens_b, dropout_p, softmax_scale, seed):
     _, l_a, num_heads, head_dim = q.shape
     l_b = k.shape[1]
     # The kernels index lengths as lens[b]: an expanded (stride-0) or sliced lengths tensor must be made dense.
-    lens_a, lens_b = (None if lens is None else lens.contiguous() for lens in (lens_a, lens_b))
+    # No lengths: every position is real. The kernels always take lengths (one specialization, the one compile_check
+    # checks: without lengths some compiled spill, with triton 3.9 even in half precision).
+    lens_a, lens_b = (torch.full((q.shape[0],), length, dtype=torch.int64, device=q.device) if lens is None
+                      else lens.contiguous() for lens, length in ((lens_a, l_a), (lens_b, l_b)))
     args = [lens_a, lens_b, *_strides(directions), l_a, l_b, num_heads, softmax_scale, dropout_p, seed]
     precision = dot_precision(q.dtype, head_dim)
-    meta = dict(HAS_LENS_A=lens_a is not None, HAS_LENS_B=lens_b is not None, DROPOUT=dropout_p > 0.0,
+    meta = dict(DROPOUT=dropout_p > 0.0,
                 HEAD_DIM=head_dim, DOT_PRECISION=_DOT_INPUT_PRECISION[precision])
     configs = attention_launch_config(max(d[0].shape[1] for d in directions),
-                                      max(d[1].shape[1] for d in directions), head_dim, precision)
+                                      max(d[1].shape[1] for d in directions), head_dim, precision,
+                                      shared_memory_per_program(q.device))
     return args, meta, configs
 
 
@@ -633,8 +643,14 @@ co_attention_forward.register_autograd(_co_attention_autograd, setup_context=_co
 # Public functions and their input checks
 # ----------------------------------------------------------------------------------------------------------------------
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_FP32_MAX = torch.finfo(torch.float32).max
+# The kernels take softmax_scale and dropout_p as fp32 and compute softmax_scale * log2(e) and 1 / (1 - dropout_p):
+# both must stay finite there. fp16's backward also holds kept probabilities times 1 / (1 - dropout_p) (up to that
+# scale itself), which must fit fp16.
+_MAX_SOFTMAX_SCALE = torch.finfo(torch.float32).max / 1.4426950408889634
+_MAX_DROPOUT_P = {torch.float16: 1 - 1 / torch.finfo(torch.float16).max}
+_MAX_DROPOUT_P_FP32 = 1 - 2**-24  # the largest fp32 number below 1
+# Row offsets within one (sample, head) are int32: rows (up to a tile past seqlen, masked) times the row stride.
+_MAX_ROW_OFFSET, _MAX_TILE = 2**31 - 1, 128
 
 
 def _autocast(tensors):
@@ -655,7 +671,7 @@ def _check_tensors(named: dict) -> None:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D (batch, seqlen, nheads, headdim), got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
+        if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
     (first, ref), *rest = named.items()
     for name, t in rest:
@@ -667,12 +683,17 @@ def _check_tensors(named: dict) -> None:
             if t.shape[dim] != ref.shape[dim]:
                 raise ValueError(f"{name} has {what}={t.shape[dim]} but {first} has {what}={ref.shape[dim]}; "
                                  f"expected equal (shapes {tuple(t.shape)} and {tuple(ref.shape)})")
+    check_device(ref, first)
     head_dim = ref.shape[3]
     if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
         raise ValueError(f"headdim of {first} must be a power of 2 in [16, 256], got {head_dim}")
     for name, t in named.items():
         if t.shape[1] == 0:
             raise ValueError(f"{name} has seqlen 0; expected at least 1 (use lengths for empty samples)")
+        if (t.shape[1] + _MAX_TILE) * t.shape[2] * t.shape[3] > _MAX_ROW_OFFSET:
+            raise ValueError(f"{name} has seqlen * nheads * headdim = {t.shape[1] * t.shape[2] * t.shape[3]}; "
+                             f"expected below {_MAX_ROW_OFFSET - _MAX_TILE * t.shape[2] * t.shape[3]} (the kernels "
+                             f"address the rows of one sample with 32-bit offsets)")
 
 
 def _check_same_len(named: dict) -> None:
@@ -695,20 +716,23 @@ def _check_lens(name: str, lens, batch: int, device) -> None:
         raise ValueError(f"{name} is on {lens.device}; expected the inputs' device {device}")
 
 
-def _check_dropout_and_scale(dropout_p, softmax_scale, head_dim: int) -> Tuple[float, float]:
+def _check_dropout_and_scale(dropout_p, softmax_scale, head_dim: int, dtype: torch.dtype) -> Tuple[float, float]:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    max_p = _MAX_DROPOUT_P.get(dtype, _MAX_DROPOUT_P_FP32)
+    if dropout_p > max_p:
+        raise ValueError(f"dropout_p must be at most {max_p!r} for {dtype} inputs (1 / (1 - dropout_p) must fit "
+                         f"{'float16' if dtype == torch.float16 else 'float32'}), got {dropout_p!r}")
     if softmax_scale is None:
         return float(dropout_p), 1.0 / math.sqrt(head_dim)
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
         raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-    # Comparisons only (no math.isfinite): a symbolic float under torch.compile supports them. The kernels take the
-    # scale as fp32, so it must be one.
-    if not 0 < softmax_scale <= _FP32_MAX:
-        raise ValueError(f"softmax_scale must be a positive float32 number (at most {_FP32_MAX:.3e}), "
-                         f"got {softmax_scale}")
+    # Comparisons only (no math.isfinite): a symbolic float under torch.compile supports them.
+    if not 0 < softmax_scale <= _MAX_SOFTMAX_SCALE:
+        raise ValueError(f"softmax_scale must be a positive float32 number of at most {_MAX_SOFTMAX_SCALE:.4e} "
+                         f"(times log2(e) it must fit float32), got {softmax_scale}")
     return float(dropout_p), float(softmax_scale)
 
 
@@ -730,8 +754,8 @@ def attention(q, k, v, q_lens=None, kv_lens=None, dropout_p=0.0, softmax_scale=N
             masked out. A sample with kv_lens[b] == 0 gives zeros (never NaN).
             Lengths are clamped to [0, seqlen] inside the kernel (a length above seqlen means "all"), so nothing
             is read back to the host.
-        dropout_p: probability of dropping an attention probability, in [0, 1). Kept entries are scaled by
-            1 / (1 - dropout_p). Applied whenever dropout_p > 0 (pass 0.0 at eval time). The mask is drawn from a
+        dropout_p: probability of dropping an attention probability, in [0, 1) (for float16 inputs at most
+            1 - 1/65504, so that the scale fits float16). Kept entries are scaled by 1 / (1 - dropout_p). Applied whenever dropout_p > 0 (pass 0.0 at eval time). The mask is drawn from a
             seed taken from torch's default (CPU) generator, so torch.manual_seed reproduces it; the backward
             regenerates it from that seed.
         softmax_scale: scaling of q k^T before the softmax; default 1 / sqrt(headdim).
@@ -745,7 +769,7 @@ def attention(q, k, v, q_lens=None, kv_lens=None, dropout_p=0.0, softmax_scale=N
     _check_same_len({"k": k, "v": v})
     _check_lens("q_lens", q_lens, q.shape[0], q.device)
     _check_lens("kv_lens", kv_lens, q.shape[0], q.device)
-    dropout_p, softmax_scale = _check_dropout_and_scale(dropout_p, softmax_scale, q.shape[3])
+    dropout_p, softmax_scale = _check_dropout_and_scale(dropout_p, softmax_scale, q.shape[3], q.dtype)
     out, _ = attention_forward(q, k, v, q_lens, kv_lens, dropout_p, softmax_scale, draw_seed(dropout_p))
     return out
 
@@ -780,7 +804,7 @@ def co_attention(text_q, text_k, text_v, image_q, image_k, image_v, text_lens=No
     _check_same_len({"image_q": image_q, "image_k": image_k, "image_v": image_v})
     _check_lens("text_lens", text_lens, text_q.shape[0], text_q.device)
     _check_lens("image_lens", image_lens, text_q.shape[0], text_q.device)
-    dropout_p, softmax_scale = _check_dropout_and_scale(dropout_p, softmax_scale, text_q.shape[3])
+    dropout_p, softmax_scale = _check_dropout_and_scale(dropout_p, softmax_scale, text_q.shape[3], text_q.dtype)
     text_out, image_out, _, _ = co_attention_forward(text_q, text_k, text_v, image_q, image_k, image_v, text_lens,
                                                      image_lens, dropout_p, softmax_scale, draw_seed(dropout_p))
     return text_out, image_out
@@ -816,34 +840,31 @@ _SPEC_DTYPES = {"fp16": ("fp16", "half"), "bf16": ("bf16", "half"), "tf32": ("fp
 
 
 def sm90_specs(head_dims=(64, 128), dtypes=("fp16", "bf16", "tf32", "fp32"), dropouts=(False, True),
-               lengths=((37, 37), (101, 101), (32, 32), (1024, 1024))) -> List[KernelSpec]:
+               lengths=((37, 37), (101, 101), (32, 32), (1024, 1024)),
+               shared_memory=HOPPER_SHARED_MEMORY) -> List[KernelSpec]:
     """The kernels at the configurations the launcher uses (both directions, (queries, keys) lengths given): by default
     every dtype (fp32 exact and TF32), D=64 (text heads) and 128 (visual and co-attention heads), with and without
     dropout, for lengths 33..64 (pretraining 36x37), 65..128 (downstream up to 101), 17..32 and above 128 (the square
-    benchmarks): every kernel the backward's one or two launches use at each."""
+    benchmarks): every kernel the backward's one or two launches use at each. shared_memory: a program's on the GPU
+    the configurations are for (Hopper's by default)."""
     kernels = {"fwd": _attention_fwd_kernel, "bwd_dkdv": _attention_bwd_dkdv_kernel, "bwd_dq": _attention_bwd_dq_kernel}
     specs = {}
-    for head_dim in head_dims:
-        for spec_dtype in dtypes:
-            dtype, precision = _SPEC_DTYPES[spec_dtype]
-            if precision == "tf32" and head_dim > TF32_MAX_HEAD_DIM:
-                continue  # exact fp32 there: the "fp32" specs
-            for dropout in dropouts:
-                for lq, lk in lengths:
-                    configs = attention_launch_config(lq, lk, head_dim, precision)
-                    fused_dq = lk <= configs["bwd_dkdv"]["BLOCK_N"]
-                    for short in ("fwd", "bwd_dkdv") if fused_dq else ("fwd", "bwd_dkdv", "bwd_dq"):
-                        config = configs[short]
-                        constexprs = dict(HAS_LENS_A=True, HAS_LENS_B=True, DROPOUT=dropout, HEAD_DIM=head_dim,
-                                          BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
-                                          DOT_PRECISION=_DOT_INPUT_PRECISION[precision])
-                        if short == "bwd_dkdv":
-                            constexprs["FUSED_DQ"] = fused_dq
-                        name = (f"attention_{short}{',dq' if short == 'bwd_dkdv' and fused_dq else ''}"
-                                f"[D={head_dim},{spec_dtype},dropout={int(dropout)},BLOCK={config['BLOCK_M']}x"
-                                f"{config['BLOCK_N']},warps={config['num_warps']}]")
-                        fn = kernels[short]
-                        specs.setdefault(name, KernelSpec(name, fn, _signature(fn, dtype, constexprs), constexprs,
-                                                          num_warps=config["num_warps"],
-                                                          num_stages=config["num_stages"]))
+    for head_dim, spec_dtype, dropout, (lq, lk) in itertools.product(head_dims, dtypes, dropouts, lengths):
+        dtype, precision = _SPEC_DTYPES[spec_dtype]
+        if precision == "tf32" and head_dim > TF32_MAX_HEAD_DIM:
+            continue  # exact fp32 there: the "fp32" specs
+        configs = attention_launch_config(lq, lk, head_dim, precision, shared_memory)
+        fused_dq = lk <= configs["bwd_dkdv"]["BLOCK_N"]
+        for short in ("fwd", "bwd_dkdv") if fused_dq else ("fwd", "bwd_dkdv", "bwd_dq"):
+            config = configs[short]
+            constexprs = dict(DROPOUT=dropout, HEAD_DIM=head_dim, BLOCK_M=config["BLOCK_M"],
+                              BLOCK_N=config["BLOCK_N"], DOT_PRECISION=_DOT_INPUT_PRECISION[precision])
+            if short == "bwd_dkdv":
+                constexprs["FUSED_DQ"] = fused_dq
+            name = (f"attention_{short}{',dq' if short == 'bwd_dkdv' and fused_dq else ''}"
+                    f"[D={head_dim},{spec_dtype},dropout={int(dropout)},BLOCK={config['BLOCK_M']}x"
+                    f"{config['BLOCK_N']},warps={config['num_warps']}]")
+            fn = kernels[short]
+            specs.setdefault(name, KernelSpec(name, fn, _signature(fn, dtype, constexprs), constexprs,
+                                              num_warps=config["num_warps"], num_stages=config["num_stages"]))
     return list(specs.values())

@@ -6,6 +6,7 @@ import os
 import torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+HOPPER_SHARED_MEMORY = 227 * 1024  # bytes one program may use on an H100/H200 (opt-in)
 
 
 def check_device(t: torch.Tensor, what: str) -> None:
@@ -27,6 +28,15 @@ def device_of(t: torch.Tensor):
     """Context for a kernel launch on t's tensors: Triton launches on the current CUDA device, which need not be t's
     (a model on cuda:1 in a process whose current device is cuda:0). Nothing to do off CUDA (the interpreter)."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=None)
+def shared_memory_per_program(device: torch.device) -> int:
+    """The shared memory one program may use on `device` (the opt-in maximum per block). Hopper's in the interpreter,
+    whose tests then check the tiles an H100/H200 launches."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    return HOPPER_SHARED_MEMORY
 
 
 @functools.lru_cache(maxsize=None)

@@ -110,7 +110,7 @@ def tiles(request, device, monkeypatch):
     if request.param == "half":
         config = attention_impl.attention_launch_config
         monkeypatch.setattr(attention_impl, "attention_launch_config",
-                            lambda lq, lk, head_dim, precision: config(lq, lk, head_dim, "half"))
+                            lambda lq, lk, head_dim, precision, *rest: config(lq, lk, head_dim, "half", *rest))
     with fp32_matmul_precision("high" if request.param == "tf32" else "highest"):
         yield request.param
 
@@ -213,6 +213,49 @@ def test_backward_reads_any_layout_of_the_output_gradient(device, seed, layout):
     _, ref_grads = run_with_grads_reference(q, k, v, q_lens, kv_lens, grad_out)
     for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert_rel_close(g, rg, 1e-4, name)
+
+
+def test_rows_beyond_32_bit_offsets_are_copied_or_refused(device, seed, monkeypatch):
+    """Row offsets inside a (sample, head) are 32-bit: a view whose rows lie further apart (a sequence-first layout
+    of a large batch) is copied, and a sample too large even when dense is refused. Shown with the limit lowered."""
+    monkeypatch.setattr(attention_impl, "_MAX_ROW_OFFSET", 5000)
+    B, L, H, D = 3, 9, 2, 16
+    seq_first = torch.randn(L, B, H, D, device=device).transpose(0, 1)  # row stride B*H*D = 96: (9 + 128 rows) * 96 > 5000
+    assert attention_impl._aligned(seq_first) is not seq_first
+    dense = torch.randn(B, L, H, D, device=device)  # row stride 32: 137 * 32 < 5000
+    assert attention_impl._aligned(dense) is dense
+    out = attention(seq_first, seq_first, seq_first)
+    assert_rel_close(out, reference.attention(*(seq_first.double(),) * 3), 1e-4, "out")
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        attention(*(torch.randn(B, 120, H, D, device=device),) * 3)
+
+
+def test_tf32_backward_on_a_gpu_with_less_shared_memory(device, seed, monkeypatch):
+    """With less shared memory than Hopper's (an A100's 163 KB), TF32's backward at 65..128 keys runs two launches
+    with 32-key dK/dV blocks instead of one 128-key block; the gradients are the same."""
+    if device.type == "cuda":
+        pytest.skip("the GPU's own shared memory decides there")
+    monkeypatch.setattr(attention_impl, "shared_memory_per_program", lambda device: 163 * 1024)
+    config, dkdv_blocks = attention_impl.attention_launch_config, []
+    monkeypatch.setattr(attention_impl, "attention_launch_config",
+                        lambda *args: dkdv_blocks.append(config(*args)["bwd_dkdv"]["BLOCK_N"]) or config(*args))
+    B, Lq, Lk, H, D = 1, 80, 101, 1, 128
+    q, k, v = (torch.randn(B, L, H, D, device=device) for L in (Lq, Lk, Lk))
+    q_lens, kv_lens = lens_tensor([70], device), lens_tensor([90], device)
+    grad_out = torch.randn(B, Lq, H, D, device=device)
+    with fp32_matmul_precision("high"):
+        out, grads = run_with_grads(lambda q, k, v: attention(q, k, v, q_lens, kv_lens), (q, k, v), grad_out)
+    assert dkdv_blocks and set(dkdv_blocks) == {32}
+    ref_out, ref_grads = run_with_grads_reference(q, k, v, q_lens, kv_lens, grad_out)
+    assert_rel_close(out, ref_out, 1e-4, "out")
+    for name, g, rg in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_rel_close(g, rg, 1e-4, name)
+
+
+def test_kernels_need_cuda_or_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="need a CUDA device"):
+        attention(**_inputs())
 
 
 def test_fused_qkv_slices_are_read_in_place(device, seed):
@@ -319,9 +362,9 @@ def test_dropout_keep_rate_and_scaling(device, tiles, seed):
 
 @pytest.mark.slow  # a million probabilities in the interpreter (40 s): fewer keep too few at this rate
 def test_fp16_keeps_extreme_dropout_in_range(device, seed):
-    """At dropout_p = 0.99999 the forward's unnormalised kept probabilities (up to 1) times 1e5 pass fp16's 65504
-    though the output and gradients fit: the forward scales its output instead (same mask as fp32)."""
-    B, Lq, Lk, H, D, p = 1, 4096, 64, 4, 16, 0.99999  # ~10 kept of 1M: none kept has probability 3e-5
+    """At fp16's highest dropout_p (1 / (1 - p) = 62500, near fp16's 65504) the output and the gradients stay finite
+    and match fp32 (same mask)."""
+    B, Lq, Lk, H, D, p = 1, 4096, 64, 4, 16, 0.999984  # ~16 kept of 1M: none kept has probability 1e-7
     q = torch.zeros(B, Lq, H, D, device=device)  # every unnormalised probability exp(s - max) is 1
     k, v = torch.randn(B, Lk, H, D, device=device), torch.randn(B, Lk, H, D, device=device)
     grad_out = torch.randn(B, Lq, H, D, device=device)
@@ -423,6 +466,10 @@ def _inputs(**overrides):
     (dict(softmax_scale=0.0), ValueError, "softmax_scale must be a positive float32 number"),
     (dict(softmax_scale=float("nan")), ValueError, "softmax_scale must be a positive float32 number"),
     (dict(softmax_scale=1e39), ValueError, "softmax_scale must be a positive float32 number"),
+    (dict(softmax_scale=3e38), ValueError, "times log2"),  # a float32, but its product with log2(e) is not
+    (dict(dropout_p=1 - 2**-25), ValueError, "dropout_p must be at most"),  # 1.0 in float32
+    (dict(q=torch.randn(2, 5, 2, 16).half(), k=torch.randn(2, 7, 2, 16).half(), v=torch.randn(2, 7, 2, 16).half(),
+          dropout_p=0.99999), ValueError, r"1 / \(1 - dropout_p\) must fit float16"),
 ])
 def test_bad_inputs_name_the_argument(overrides, error, match):
     with pytest.raises(error, match=match):

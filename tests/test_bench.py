@@ -171,8 +171,8 @@ kernels = {"fwd": attention._attention_fwd_kernel, "bwd_dkdv": attention._attent
 specs = []
 for label, configs in LONG_TILE_CANDIDATES.items():
     for short, config in configs.items():
-        constexprs = dict(HAS_LENS_A=False, HAS_LENS_B=False, DROPOUT=False, HEAD_DIM=64, BLOCK_M=config["BLOCK_M"],
-                          BLOCK_N=config["BLOCK_N"], DOT_PRECISION="tf32")
+        constexprs = dict(DROPOUT=False, HEAD_DIM=64, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+                          DOT_PRECISION="tf32")
         if short == "bwd_dkdv":
             constexprs["FUSED_DQ"] = False  # the square shapes have more keys than a dK/dV block
         fn = kernels[short]

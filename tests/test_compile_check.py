@@ -79,6 +79,29 @@ def test_attention_compiles_without_spills_at_every_tile(dtypes):
     assert not too_big, too_big
 
 
+@pytest.mark.parametrize("arch, shared_memory", [(80, 163 * 1024), (89, 99 * 1024)], ids=["A100", "Ada"])
+def test_attention_configs_fit_smaller_gpus_shared_memory(arch, shared_memory):
+    """On a GPU with less shared memory than Hopper's, the launcher picks tiles that fit it: TF32's one-launch
+    backward (a 128-key block, 216 KB at D=128) would not launch on an A100 or an Ada card. Compiled for that GPU's
+    arch (spills are not checked: Hopper is the target)."""
+    script = f"""
+import json, sys
+import vilbert_kernels
+from vilbert_kernels.compile_check import compile_spec
+attention = sys.modules["vilbert_kernels.attention"]
+specs = attention.sm90_specs(dtypes=("tf32", "bf16"), dropouts=(True,), lengths=((101, 101), (37, 37)),
+                             shared_memory={shared_memory})
+print(json.dumps({{spec.name: compile_spec(spec, arch={arch}).metadata.shared for spec in specs}}))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shared = json.loads(proc.stdout.splitlines()[-1])
+    assert any("tf32" in name and "bwd_dkdv" in name for name in shared)
+    too_big = {name: size for name, size in shared.items() if size > shared_memory}
+    assert not too_big, too_big
+
+
 def test_largest_attention_rows_fit_in_shared_memory():
     """Head dim 256 (the largest accepted) in fp32 and bf16: each kernel's tiles fit in the 227 KB of shared memory a
     Hopper program may have, or its launch fails on the GPU (the interpreter has no such limit). The square lengths

@@ -11,10 +11,10 @@ _VK_DTYPES = {"*fp16": "VK_FLOAT16", "*bf16": "VK_BFLOAT16", "*fp32": "VK_FLOAT3
 
 
 def forward_specs() -> List[KernelSpec]:
-    """The inference variants of the forward kernel among those compile_check checks (half precision, no dropout,
-    lengths given), smallest tiles first, so the launcher takes the smallest that covers the sequences."""
+    """The inference variants of the forward kernel among those compile_check checks (half precision, no dropout),
+    smallest tiles first, so the launcher takes the smallest that covers the sequences."""
     specs = [s for s in sm90_specs(dtypes=("fp16", "bf16")) if s.fn is _attention_fwd_kernel
-             and not s.constexprs["DROPOUT"] and s.constexprs["HAS_LENS_A"] and s.constexprs["HAS_LENS_B"]]
+             and not s.constexprs["DROPOUT"]]
     return sorted(specs, key=lambda s: (s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"]))
 
 
