@@ -373,7 +373,7 @@ def attention_launch_config(lq: int, lk: int, head_dim: int, precision: str = "h
     (compile_check, triton 3.6).
 
     TF32 and exact fp32 have tiles of their own: see _tf32_launch_config and _fp32_launch_config. TF32's 128-key
-    dK/dV block needs Hopper's shared memory (up to 216 KB at D=128); with less (A100: 163 KB, Ada: 99 KB) the TF32
+    dK/dV block needs Hopper's shared memory (224 KB at D=128); with less (A100: 163 KB, Ada: 99 KB) the TF32
     backward keeps two launches.
     """
     own_m, own_n = _block(lq), _block(lk)
@@ -461,16 +461,19 @@ def _strides(directions: Sequence[Tuple[torch.Tensor, ...]]) -> List[int]:
 _DOT_INPUT_PRECISION = {"half": "tf32", "tf32": "tf32", "ieee": "ieee"}
 
 
+def _lengths(lens: Optional[Tensor], x: Tensor) -> Tensor:
+    """lens, or when None (every position real) x's sequence length for each sample, int64 on x's device. The kernels
+    always take lengths: one specialization, the one compile_check checks (compiled without lengths, some spilled)."""
+    return torch.full((x.shape[0],), x.shape[1], dtype=torch.int64, device=x.device) if lens is None else lens
+
+
 def _common_args(directions, lens_a, lens_b, dropout_p, softmax_scale, seed):
     """Arguments shared by the three kernels (after their pointers), their constexprs and the launch configs."""
     q, k, _ = directions[0]
     _, l_a, num_heads, head_dim = q.shape
     l_b = k.shape[1]
     # The kernels index lengths as lens[b]: an expanded (stride-0) or sliced lengths tensor must be made dense.
-    # No lengths: every position is real. The kernels always take lengths (one specialization, the one compile_check
-    # checks: without lengths some compiled spill, with triton 3.9 even in half precision).
-    lens_a, lens_b = (torch.full((q.shape[0],), length, dtype=torch.int64, device=q.device) if lens is None
-                      else lens.contiguous() for lens, length in ((lens_a, l_a), (lens_b, l_b)))
+    lens_a, lens_b = _lengths(lens_a, q).contiguous(), _lengths(lens_b, k).contiguous()
     args = [lens_a, lens_b, *_strides(directions), l_a, l_b, num_heads, softmax_scale, dropout_p, seed]
     precision = dot_precision(q.dtype, head_dim)
     meta = dict(DROPOUT=dropout_p > 0.0,
@@ -647,7 +650,8 @@ co_attention_forward.register_autograd(_co_attention_autograd, setup_context=_co
 # both must stay finite there. fp16's backward also holds kept probabilities times 1 / (1 - dropout_p) (up to that
 # scale itself), which must fit fp16.
 _MAX_SOFTMAX_SCALE = torch.finfo(torch.float32).max / 1.4426950408889634
-_MAX_DROPOUT_P = {torch.float16: 1 - 1 / torch.finfo(torch.float16).max}
+# fp16: 1 - p must be at least 1/65504 in fp32, where p lives as a multiple of 2^-24 below 1: 257 of them.
+_MAX_DROPOUT_P = {torch.float16: 1 - 257 * 2**-24}
 _MAX_DROPOUT_P_FP32 = 1 - 2**-24  # the largest fp32 number below 1
 # Row offsets within one (sample, head) are int32: rows (up to a tile past seqlen, masked) times the row stride.
 _MAX_ROW_OFFSET, _MAX_TILE = 2**31 - 1, 128
@@ -683,7 +687,6 @@ def _check_tensors(named: dict) -> None:
             if t.shape[dim] != ref.shape[dim]:
                 raise ValueError(f"{name} has {what}={t.shape[dim]} but {first} has {what}={ref.shape[dim]}; "
                                  f"expected equal (shapes {tuple(t.shape)} and {tuple(ref.shape)})")
-    check_device(ref, first)
     head_dim = ref.shape[3]
     if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
         raise ValueError(f"headdim of {first} must be a power of 2 in [16, 256], got {head_dim}")
@@ -755,9 +758,9 @@ def attention(q, k, v, q_lens=None, kv_lens=None, dropout_p=0.0, softmax_scale=N
             Lengths are clamped to [0, seqlen] inside the kernel (a length above seqlen means "all"), so nothing
             is read back to the host.
         dropout_p: probability of dropping an attention probability, in [0, 1) (for float16 inputs at most
-            1 - 1/65504, so that the scale fits float16). Kept entries are scaled by 1 / (1 - dropout_p). Applied whenever dropout_p > 0 (pass 0.0 at eval time). The mask is drawn from a
-            seed taken from torch's default (CPU) generator, so torch.manual_seed reproduces it; the backward
-            regenerates it from that seed.
+            0.9999847, so that the scale fits float16). Kept entries are scaled by 1 / (1 - dropout_p). Applied
+            whenever dropout_p > 0 (pass 0.0 at eval time). The mask is drawn from a seed taken from torch's default
+            (CPU) generator, so torch.manual_seed reproduces it; the backward regenerates it from that seed.
         softmax_scale: scaling of q k^T before the softmax; default 1 / sqrt(headdim).
     Return:
         out: (batch_size, seqlen_q, nheads, headdim), contiguous, q's dtype (fp32 accumulation inside).
@@ -770,6 +773,8 @@ def attention(q, k, v, q_lens=None, kv_lens=None, dropout_p=0.0, softmax_scale=N
     _check_lens("q_lens", q_lens, q.shape[0], q.device)
     _check_lens("kv_lens", kv_lens, q.shape[0], q.device)
     dropout_p, softmax_scale = _check_dropout_and_scale(dropout_p, softmax_scale, q.shape[3], q.dtype)
+    check_device(q, "q")
+    q_lens, kv_lens = _lengths(q_lens, q), _lengths(kv_lens, k)
     out, _ = attention_forward(q, k, v, q_lens, kv_lens, dropout_p, softmax_scale, draw_seed(dropout_p))
     return out
 
@@ -805,6 +810,8 @@ def co_attention(text_q, text_k, text_v, image_q, image_k, image_v, text_lens=No
     _check_lens("text_lens", text_lens, text_q.shape[0], text_q.device)
     _check_lens("image_lens", image_lens, text_q.shape[0], text_q.device)
     dropout_p, softmax_scale = _check_dropout_and_scale(dropout_p, softmax_scale, text_q.shape[3], text_q.dtype)
+    check_device(text_q, "text_q")
+    text_lens, image_lens = _lengths(text_lens, text_q), _lengths(image_lens, image_q)
     text_out, image_out, _, _ = co_attention_forward(text_q, text_k, text_v, image_q, image_k, image_v, text_lens,
                                                      image_lens, dropout_p, softmax_scale, draw_seed(dropout_p))
     return text_out, image_out

@@ -11,8 +11,9 @@ HOPPER_SHARED_MEMORY = 227 * 1024  # bytes one program may use on an H100/H200 (
 
 def check_device(t: torch.Tensor, what: str) -> None:
     """ValueError unless t is where a Triton kernel can read it: on a CUDA device, or anywhere under
-    TRITON_INTERPRET=1 (the interpreter runs the kernels on the CPU). `what` names t in the message."""
-    if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    TRITON_INTERPRET=1 (the interpreter runs the kernels on the CPU). Meta tensors pass (shape inference). `what`
+    names t in the message."""
+    if t.device.type not in ("cuda", "meta") and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"{what} is on {t.device}; the Triton kernels need a CUDA device "
                          "(or TRITON_INTERPRET=1 to run them on the CPU)")
 

@@ -470,6 +470,8 @@ def _inputs(**overrides):
     (dict(dropout_p=1 - 2**-25), ValueError, "dropout_p must be at most"),  # 1.0 in float32
     (dict(q=torch.randn(2, 5, 2, 16).half(), k=torch.randn(2, 7, 2, 16).half(), v=torch.randn(2, 7, 2, 16).half(),
           dropout_p=0.99999), ValueError, r"1 / \(1 - dropout_p\) must fit float16"),
+    (dict(q=torch.randn(2, 5, 2, 16).half(), k=torch.randn(2, 7, 2, 16).half(), v=torch.randn(2, 7, 2, 16).half(),
+          dropout_p=1 - 1 / 65504), ValueError, "must fit float16"),  # in fp32 1 - p is 2^-16: a scale of 65536
 ])
 def test_bad_inputs_name_the_argument(overrides, error, match):
     with pytest.raises(error, match=match):

@@ -82,7 +82,7 @@ def test_attention_compiles_without_spills_at_every_tile(dtypes):
 @pytest.mark.parametrize("arch, shared_memory", [(80, 163 * 1024), (89, 99 * 1024)], ids=["A100", "Ada"])
 def test_attention_configs_fit_smaller_gpus_shared_memory(arch, shared_memory):
     """On a GPU with less shared memory than Hopper's, the launcher picks tiles that fit it: TF32's one-launch
-    backward (a 128-key block, 216 KB at D=128) would not launch on an A100 or an Ada card. Compiled for that GPU's
+    backward (a 128-key block, 224 KB at D=128) would not launch on an A100 or an Ada card. Compiled for that GPU's
     arch (spills are not checked: Hopper is the target)."""
     script = f"""
 import json, sys

@@ -296,6 +296,9 @@ def resume_latest(engine, output_dir, world_size, rank, sampler):
     load_path, client_state = engine.load_checkpoint(output_dir)
     if load_path is None:
         raise RuntimeError(f"could not load the checkpoint named by {output_dir}/latest")
+    if "sampler" not in client_state:
+        raise SystemExit(f"{PROGRAM}: error: {load_path} was saved by an earlier version of this loop (no sampler "
+                         "state); pass --no_resume to start over")
     try:
         sampler.load_state_dict(client_state["sampler"])
     except ValueError as error:

@@ -543,10 +543,11 @@ class ViLBERTForPretraining(CheckpointMixin, nn.Module):
         B, T = input_ids.shape
         V = image_features.shape[1]
         _check_labels(B, T, V, self.config.v_target_size, mlm_labels, region_targets, region_mask, is_aligned)
-        is_target = None if mlm_labels is None else mlm_labels != IGNORE_INDEX  # (B, T)
+        out = self.bert(input_ids, image_features, image_locations, token_type_ids, text_lens, image_lens)
+        # The MLM targets' (b, t) positions in row-major order: one host sync (nonzero), after the encoder is queued.
+        is_target = None if mlm_labels is None else (mlm_labels != IGNORE_INDEX).nonzero(as_tuple=True)
         targets = None if mlm_labels is None else mlm_labels[is_target]  # (N,)
         _check_label_values(targets, self.config.vocab_size, is_aligned)
-        out = self.bert(input_ids, image_features, image_locations, token_type_ids, text_lens, image_lens)
 
         text_for_mlm = out.text_hidden if mlm_labels is None else out.text_hidden[is_target]
         mlm_logits = self.cls.predictions(text_for_mlm)  # (N, vocab) or (B, T, vocab)
@@ -603,7 +604,10 @@ def alignment_log_odds(align_logits: torch.Tensor) -> torch.Tensor:
 
 def _check_label_values(mlm_targets, vocab_size, is_aligned):
     """ValueError for an MLM target outside the vocabulary (the official data marks non-targets -1, ours -100) or an
-    is_aligned other than 0/1; one host sync, where the MLM head's selection has just synced anyway."""
+    is_aligned other than 0/1. One host read, right after the one selecting the MLM targets (so the GPU has nothing
+    queued that it would wait for); skipped under torch.compile, where it would break the graph."""
+    if torch.compiler.is_compiling():
+        return
     checks = []
     if mlm_targets is not None:
         checks.append(((mlm_targets < 0) | (mlm_targets >= vocab_size)).any())
@@ -674,10 +678,12 @@ def _check_choice_labels(labels, batch):
         seen = f"shape {tuple(labels.shape)} {labels.dtype}" if torch.is_tensor(labels) else type(labels).__name__
         raise ValueError(f"choice_labels: expected (groups,) int64 with the batch of {batch} pairs in groups of at "
                          f"least 2 (the right pair's index in each group), got {seen}")
-    low, high = labels.aminmax()
+    if torch.compiler.is_compiling():
+        return  # the range check reads the labels on the host: a graph break
+    low, high = torch.stack(labels.aminmax()).tolist()  # one host read
     if low < 0 or high >= batch // len(labels):
         raise ValueError(f"choice_labels: expected indices in [0, {batch // len(labels)}) (pairs per group), "
-                         f"got values in [{int(low)}, {int(high)}]")
+                         f"got values in [{low}, {high}]")
 
 
 class SimpleClassifier(nn.Module):
@@ -762,7 +768,7 @@ class ViLBERTForReferring(_TaskModel):
         if region_scores is not None:
             _check_scores("region_scores", region_scores, (B, V))
             bce = F.binary_cross_entropy_with_logits(logits.float(), region_scores.float(), reduction="none")
-            loss = (bce * real).sum() / B
+            loss = (bce * real).sum() / max(B, 1)
         return TaskOutput(**vars(out), logits=logits, loss=loss)
 
 
