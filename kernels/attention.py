@@ -472,8 +472,9 @@ def _common_args(directions, lens_a, lens_b, dropout_p, softmax_scale, seed):
     q, k, _ = directions[0]
     _, l_a, num_heads, head_dim = q.shape
     l_b = k.shape[1]
-    # The kernels index lengths as lens[b]: an expanded (stride-0) or sliced lengths tensor must be made dense.
-    lens_a, lens_b = _lengths(lens_a, q).contiguous(), _lengths(lens_b, k).contiguous()
+    # The kernels index lengths as lens[b]: an expanded (stride-0) or sliced lengths tensor must be made dense; int32
+    # lengths become int64, the specialization compile_check checks.
+    lens_a, lens_b = (_lengths(lens, x).to(torch.int64).contiguous() for lens, x in ((lens_a, q), (lens_b, k)))
     args = [lens_a, lens_b, *_strides(directions), l_a, l_b, num_heads, softmax_scale, dropout_p, seed]
     precision = dot_precision(q.dtype, head_dim)
     meta = dict(DROPOUT=dropout_p > 0.0,

@@ -198,6 +198,10 @@ def test_softmax_scale_and_lengths_above_seqlen(device, tiles, seed):
     # int64 lengths beyond int32 are clamped as lengths, not wrapped by a cast (2**31 -> negative, 2**32 + 3 -> 3).
     huge = torch.tensor([2**31, 2**32 + 3], device=device)
     torch.testing.assert_close(attention(q, k, v, huge, huge, softmax_scale=0.3), out, rtol=0, atol=0)
+    # int32 lengths run the int64 kernels (the launcher converts them): the same result.
+    q_lens, kv_lens = torch.tensor([4, 2], device=device), torch.tensor([7, 3], device=device)
+    torch.testing.assert_close(attention(q, k, v, q_lens.int(), kv_lens.int(), softmax_scale=0.3),
+                               attention(q, k, v, q_lens, kv_lens, softmax_scale=0.3), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("layout", ["heads-first", "expanded"])
