@@ -462,9 +462,11 @@ _DOT_INPUT_PRECISION = {"half": "tf32", "tf32": "tf32", "ieee": "ieee"}
 
 
 def _lengths(lens: Optional[Tensor], x: Tensor) -> Tensor:
-    """lens, or when None (every position real) x's sequence length for each sample, int64 on x's device. The kernels
-    always take lengths: one specialization, the one compile_check checks (compiled without lengths, some spilled)."""
-    return torch.full((x.shape[0],), x.shape[1], dtype=torch.int64, device=x.device) if lens is None else lens
+    """lens as int64, or when None (every position real) x's sequence length for each sample. The kernels always take
+    int64 lengths: one specialization, the one compile_check checks (compiled without lengths, some spilled)."""
+    if lens is None:
+        return torch.full((x.shape[0],), x.shape[1], dtype=torch.int64, device=x.device)
+    return lens.to(torch.int64)
 
 
 def _common_args(directions, lens_a, lens_b, dropout_p, softmax_scale, seed):
@@ -472,13 +474,12 @@ def _common_args(directions, lens_a, lens_b, dropout_p, softmax_scale, seed):
     q, k, _ = directions[0]
     _, l_a, num_heads, head_dim = q.shape
     l_b = k.shape[1]
-    # The kernels index lengths as lens[b]: an expanded (stride-0) or sliced lengths tensor must be made dense; int32
-    # lengths become int64, the specialization compile_check checks.
-    lens_a, lens_b = (_lengths(lens, x).to(torch.int64).contiguous() for lens, x in ((lens_a, q), (lens_b, k)))
+    # The kernels index lengths as lens[b]: an expanded (stride-0) or sliced lengths tensor must be made dense. (The
+    # public functions already passed them through _lengths, a no-op now; the custom ops may be called directly.)
+    lens_a, lens_b = _lengths(lens_a, q).contiguous(), _lengths(lens_b, k).contiguous()
     args = [lens_a, lens_b, *_strides(directions), l_a, l_b, num_heads, softmax_scale, dropout_p, seed]
     precision = dot_precision(q.dtype, head_dim)
-    meta = dict(DROPOUT=dropout_p > 0.0,
-                HEAD_DIM=head_dim, DOT_PRECISION=_DOT_INPUT_PRECISION[precision])
+    meta = dict(DROPOUT=dropout_p > 0.0, HEAD_DIM=head_dim, DOT_PRECISION=_DOT_INPUT_PRECISION[precision])
     configs = attention_launch_config(max(d[0].shape[1] for d in directions),
                                       max(d[1].shape[1] for d in directions), head_dim, precision,
                                       shared_memory_per_program(q.device))
@@ -650,7 +651,7 @@ co_attention_forward.register_autograd(_co_attention_autograd, setup_context=_co
 # The kernels take softmax_scale and dropout_p as fp32 and compute softmax_scale * log2(e) and 1 / (1 - dropout_p):
 # both must stay finite there. fp16's backward also holds kept probabilities times 1 / (1 - dropout_p) (up to that
 # scale itself), which must fit fp16.
-_MAX_SOFTMAX_SCALE = torch.finfo(torch.float32).max / 1.4426950408889634
+_MAX_SOFTMAX_SCALE = torch.finfo(torch.float32).max / LOG2E.value
 # fp16: 1 - p must be at least 1/65504 in fp32, where p lives as a multiple of 2^-24 below 1: 257 of them.
 _MAX_DROPOUT_P = {torch.float16: 1 - 257 * 2**-24}
 _MAX_DROPOUT_P_FP32 = 1 - 2**-24  # the largest fp32 number below 1

@@ -608,21 +608,19 @@ def _check_label_values(mlm_targets, vocab_size, is_aligned):
     queued that it would wait for); skipped under torch.compile, where it would break the graph."""
     if torch.compiler.is_compiling():
         return
-    checks = []
+    checks = {}
     if mlm_targets is not None:
-        checks.append(((mlm_targets < 0) | (mlm_targets >= vocab_size)).any())
+        checks["mlm"] = ((mlm_targets < 0) | (mlm_targets >= vocab_size)).any()
     if is_aligned is not None:
-        checks.append(((is_aligned != 0) & (is_aligned != 1)).any())
+        checks["aligned"] = ((is_aligned != 0) & (is_aligned != 1)).any()
     if not checks:
         return
-    bad = torch.stack([c.to(checks[0].device) for c in checks]).tolist()
-    bad_mlm = mlm_targets is not None and bad[0]
-    bad_aligned = is_aligned is not None and bad[-1]
-    if bad_mlm:
+    bad = dict(zip(checks, torch.stack(list(checks.values())).tolist()))
+    if bad.get("mlm"):
         raise ValueError(f"mlm_labels: expected {IGNORE_INDEX} at non-targets and token ids in [0, {vocab_size}) at "
                          f"targets, got values in [{int(mlm_targets.min())}, {int(mlm_targets.max())}] (the official "
                          f"data marks non-targets -1)")
-    if bad_aligned:
+    if bad.get("aligned"):
         raise ValueError(f"is_aligned: expected 0 or 1, got {sorted(set(is_aligned.tolist()))[:5]}")
 
 
