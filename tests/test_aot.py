@@ -433,6 +433,14 @@ int main(void) {
   printf("status %d\n", vk_co_attention_forward(VK_FLOAT16, 4, 36, 37, 8, 64, t(0x1000, 88, 96, 104),
          t(0x2000, 112, 120, 128), t(0x3000, 136, 144, 152), t(0x4000, 168, 176, 184), t(0x5000, 192, 200, 208),
          t(0x6000, 216, 224, 68), 0x7000, 0x8000, 0x9000, 0xa000, 0xb000, 0xc000, 0.5f, s));
+  /* sequence-first (L, B, H, D) inputs, B = 256, H = 16: row 9000 lies 2.36e9 elements into its sample, beyond the
+     kernels' 32-bit row offsets; then the same for co-attention's image keys alone */
+  printf("status %d\n", vk_attention_forward(VK_FLOAT16, 256, 9000, 9000, 16, 64, t(0x10000, 1024, 262144, 64),
+         t(0x20000, 1024, 262144, 64), t(0x30000, 1024, 262144, 64), 0x40000, 0x50000, 0x60000, 0x70000, 0.125f, s));
+  printf("status %d\n", vk_co_attention_forward(VK_FLOAT16, 256, 36, 9000, 16, 64, t(0x1000, 36 * 1024, 1024, 64),
+         t(0x2000, 36 * 1024, 1024, 64), t(0x3000, 36 * 1024, 1024, 64), t(0x4000, 9000 * 1024, 1024, 64),
+         t(0x5000, 1024, 262144, 64), t(0x6000, 9000 * 1024, 1024, 64), 0x7000, 0x8000, 0x9000, 0xa000, 0xb000,
+         0xc000, 0.5f, s));
   return 0;
 }
 """
@@ -464,7 +472,7 @@ def test_attention_launchers_against_fake_driver(tmp_path, build_dir, arch):
                           _build_fake_driver(tmp_path), params, arch=arch)
     statuses = [int(line.split()[1]) for line in stdout.splitlines() if line.startswith("status")]
     assert statuses == ([VK_SUCCESS] * 3 + [VK_ERROR_UNSUPPORTED] * 2 + [VK_ERROR_INVALID_VALUE] * 2
-                        + [VK_ERROR_MISALIGNED] * 2)
+                        + [VK_ERROR_MISALIGNED] * 2 + [VK_ERROR_INVALID_VALUE] * 2)
     bf16, fp16, co = _launches(stdout, params)
 
     variant = _expected_variant(manifest, "vk_attention_forward", arch, "bf16", 128, 100, 10)

@@ -38,6 +38,7 @@ def _block(length: str) -> str:
 _COMMON_CHECKS = """\
   if (batch < 0 || batch > INT32_MAX || nheads < 1 || nheads > INT32_MAX || batch * nheads > INT32_MAX)
     return VK_ERROR_INVALID_VALUE;
+  if (headdim < 1 || headdim > INT32_MAX) return VK_ERROR_INVALID_VALUE;
   if (!(softmax_scale > 0.0f && softmax_scale <= FLT_MAX)) return VK_ERROR_INVALID_VALUE;
   const int64_t elem_bytes = dtype == VK_FLOAT32 ? 4 : 2;
 """
@@ -49,6 +50,14 @@ def _rows_aligned(tensors_and_lengths) -> str:
     tests = " ||\n      ".join(f"!vk_rows_aligned({t}, batch, {length}, nheads, elem_bytes)"
                                for t, length in tensors_and_lengths)
     return f"  if ({tests})\n    return VK_ERROR_MISALIGNED;\n"
+
+
+def _rows_addressable(inputs_and_lengths, output_lengths) -> str:
+    """C check that the kernels' 32-bit row offsets within one (sample, head) reach every row of each input and of
+    each (contiguous) output (the Python launcher copies an input with too large a row stride; here it is refused)."""
+    tests = [f"!vk_rows_addressable({t}.stride_seq, {length}, headdim)" for t, length in inputs_and_lengths]
+    tests += [f"!vk_rows_addressable(nheads * headdim, {length}, headdim)" for length in output_lengths]
+    return "  if (" + " ||\n      ".join(tests) + ")\n    return VK_ERROR_INVALID_VALUE;\n"
 
 
 ATTENTION_FORWARD = CLauncher(
@@ -70,7 +79,8 @@ ATTENTION_FORWARD = CLauncher(
     checks=_COMMON_CHECKS + f"""\
   if (seqlen_q < 1 || seqlen_k < 1) return VK_ERROR_INVALID_VALUE;
   if (!q.data || !k.data || !v.data || !out || !lse || !q_lens || !kv_lens) return VK_ERROR_INVALID_VALUE;
-""" + _rows_aligned([("q", "seqlen_q"), ("k", "seqlen_k"), ("v", "seqlen_k")]) + f"""\
+""" + _rows_aligned([("q", "seqlen_q"), ("k", "seqlen_k"), ("v", "seqlen_k")])
+           + _rows_addressable([("q", "seqlen_q"), ("k", "seqlen_k"), ("v", "seqlen_k")], ["seqlen_q"]) + f"""\
   const int64_t block_m = {_block("seqlen_q")}, block_n = {_block("seqlen_k")};
 """,
 )
@@ -98,7 +108,9 @@ CO_ATTENTION_FORWARD = CLauncher(
   if (!text_q.data || !text_k.data || !text_v.data || !image_q.data || !image_k.data || !image_v.data ||
       !text_out || !image_out || !text_lse || !image_lse || !text_lens || !image_lens)
     return VK_ERROR_INVALID_VALUE;
-""" + _rows_aligned([(f"{stream}_{t}", f"seqlen_{stream}") for stream in ("text", "image") for t in "qkv"]) + f"""\
+""" + _rows_aligned([(f"{stream}_{t}", f"seqlen_{stream}") for stream in ("text", "image") for t in "qkv"])
+           + _rows_addressable([(f"{stream}_{t}", f"seqlen_{stream}") for stream in ("text", "image") for t in "qkv"],
+                               ["seqlen_text", "seqlen_image"]) + f"""\
   /* Both directions share one grid and one tile size: that of the longer sequence. */
   const int64_t max_len = seqlen_text > seqlen_image ? seqlen_text : seqlen_image;
   const int64_t block_m = {_block("max_len")}, block_n = block_m;

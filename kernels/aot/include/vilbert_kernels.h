@@ -76,7 +76,8 @@ VK_API CUresult vk_last_cuda_result(void);
  * q_lens, kv_lens: (batch,) int64 on the device, required (fill with seqlen_q / seqlen_k for unpadded samples);
  *               clamped to [0, seqlen] in the kernel.
  * softmax_scale: finite and > 0, usually 1 / sqrt(headdim).
- * Errors: VK_ERROR_INVALID_VALUE for a size out of range, a NULL pointer, a stride or length beyond int32, a bad
+ * Errors: VK_ERROR_INVALID_VALUE for a size out of range, a NULL pointer, a stride or length beyond int32, rows of
+ * one (sample, head) beyond 32-bit offsets ((seqlen + 128) * stride_seq + headdim >= 2^31, outputs included), a bad
  * scale; VK_ERROR_MISALIGNED; VK_ERROR_UNSUPPORTED for a dtype, head dim or GPU without a compiled kernel. */
 VK_API vk_status vk_attention_forward(vk_dtype dtype, int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
                                       int64_t nheads, int64_t headdim, vk_tensor q, vk_tensor k, vk_tensor v,

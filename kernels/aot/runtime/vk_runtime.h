@@ -35,6 +35,15 @@ static inline int vk_rows_aligned(vk_tensor t, int64_t batch, int64_t seqlen, in
          (nheads < 2 || (t.stride_head * elem_bytes) % 16 == 0);
 }
 
+/* Whether the 32-bit offsets the kernels compute for the rows of one (sample, head) reach every row of a tensor with
+ * row stride `stride_seq`, past its `seqlen` rows by up to a tile of 128 (masked, but addressed): as the Python
+ * launcher's check, which copies such a tensor where this one refuses it. */
+static inline int vk_rows_addressable(int64_t stride_seq, int64_t seqlen, int64_t headdim) {
+  if (stride_seq < 0) stride_seq = -stride_seq;
+  if (stride_seq > INT32_MAX || seqlen > INT32_MAX || headdim > INT32_MAX) return 0;
+  return (seqlen + 128) * stride_seq + headdim <= INT32_MAX;
+}
+
 /* Compute capability (major * 10 + minor) of the device of the calling thread's current context. */
 vk_status vk_current_arch(int *arch);
 
