@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vilbert import (SingleStreamForPretraining, ViLBERTConfig, ViLBERTForPretraining, ViLBERTForVQA,
-                     ViLBERTModel)
+from vilbert import (SingleStreamForPretraining, SingleStreamModel, ViLBERTConfig, ViLBERTForPretraining,
+                     ViLBERTForVQA, ViLBERTModel)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference"
 ORACLE = SHARED / "official_oracle"
@@ -55,7 +55,8 @@ def assert_round_trip(model, official):
 
 
 # ---- our format -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("model_class", [ViLBERTForPretraining, ViLBERTForVQA, SingleStreamForPretraining])
+@pytest.mark.parametrize("model_class", [ViLBERTForPretraining, ViLBERTForVQA, SingleStreamForPretraining,
+                                         ViLBERTModel, SingleStreamModel])
 def test_save_and_from_pretrained(tmp_path, model_class):
     model = model_class(tiny()).eval()
     model.save_pretrained(tmp_path)
@@ -67,7 +68,7 @@ def test_save_and_from_pretrained(tmp_path, model_class):
     with torch.no_grad():
         batch = inputs(model.config)
         torch.testing.assert_close(loaded(**batch).pooled_text, model(**batch).pooled_text)
-    if model_class is not ViLBERTForVQA:
+    if hasattr(model, "cls"):
         assert loaded.cls.predictions.decoder.weight is loaded.bert.embeddings.word_embeddings.weight
         assert len(load_file(tmp_path / "model.safetensors")) == len(model.state_dict()) - 1  # tied: stored once
 
@@ -243,6 +244,30 @@ def test_load_bert_bare_safetensors_into_backbone(tmp_path):
     report = model.load_bert(tmp_path)
     assert sorted(report.unexpected) == ["pooler.dense.bias", "pooler.dense.weight"]
     assert torch.equal(model.encoder.layer[2].output.LayerNorm.weight, bert["encoder.layer.2.output.LayerNorm.weight"])
+
+
+@pytest.mark.parametrize("model_class", [ViLBERTModel, SingleStreamModel])
+def test_load_bert_from_the_weights_file_into_either_backbone(tmp_path, model_class):
+    config = tiny()
+    bert = hf_bert_state_dict(config, old_names=False, prefix="")
+    save_file(bert, tmp_path / "model.safetensors")
+    model = model_class(config)
+    report = model.load_bert(tmp_path / "model.safetensors")
+    assert sorted(report.unexpected) == ["pooler.dense.bias", "pooler.dense.weight"]
+    assert torch.equal(model.encoder.layer[1].attention.self.query.weight,
+                       bert["encoder.layer.1.attention.self.query.weight"])
+
+
+def test_loading_into_meta_tensors_is_refused(tmp_path):
+    """copy_ into a meta tensor does nothing, so a load would report every key loaded and load none."""
+    config = tiny()
+    with torch.device("meta"):
+        model = ViLBERTForPretraining(config)
+    with pytest.raises(ValueError, match=r"meta device.*to_empty"):
+        model.load_official_state_dict(random_official_state_dict(ViLBERTForPretraining(config)))
+    save_file(hf_bert_state_dict(config, old_names=False, prefix=""), tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="meta device"):
+        model.load_bert(tmp_path)
 
 
 def test_load_bert_errors(tmp_path):

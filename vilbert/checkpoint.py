@@ -142,13 +142,13 @@ class CheckpointMixin:
 
     # ---- Hugging Face BERT -------------------------------------------------------------------------------------------
     def load_bert(self, bert_dir) -> LoadReport:
-        """Initialise the text stream (and the MLM head where the model has one) from a Hugging Face BERT checkpoint
-        directory (pytorch_model.bin or model.safetensors). Old names (LayerNorm gamma/beta) are renamed, a missing
+        """Initialise the text stream (and the MLM head where the model has one) from a Hugging Face BERT checkpoint:
+        its directory (pytorch_model.bin or model.safetensors) or that file. Old names (LayerNorm gamma/beta) are renamed, a missing
         `bert.` prefix is added. Returns what was loaded, what the model kept, and what BERT had extra (its pooler and
         next-sentence head: ViLBERT's poolers have other sizes). A shape mismatch is an error, and so is a text
         stream (embeddings, text layers) the checkpoint does not fill: another model type, or fewer layers."""
-        if not Path(bert_dir).is_dir():
-            raise FileNotFoundError(f"BERT checkpoint directory not found: {bert_dir}")
+        if not Path(bert_dir).exists():
+            raise FileNotFoundError(f"BERT checkpoint not found: {bert_dir} (expected a directory or a weights file)")
         mapped, unexpected = {}, []
         targets = self.state_dict(keep_vars=True)
         for key, value in read_state_dict(bert_dir).items():
@@ -184,6 +184,10 @@ def _assign(model, mapped, strict, unexpected, what) -> List[str]:
     tensors for one tied parameter must be equal. Nothing is copied when strict and anything is missing or unexpected.
     """
     targets = model.state_dict(keep_vars=True)
+    on_meta = [name for name, t in targets.items() if t.is_meta]
+    if on_meta:  # copy_ into a meta tensor does nothing: the load would report success and load nothing
+        raise ValueError(f"{type(model).__name__} has tensors on the meta device ({on_meta[:3]}, {len(on_meta)} in "
+                         "all); give them storage first, e.g. model.to_empty(device='cpu'), then load")
     first_name = {}  # id(tensor) -> its first name in the state dict
     canonical = {name: first_name.setdefault(id(t), name) for name, t in targets.items()}
     chosen = {}  # canonical name -> (source key, tensor)

@@ -771,10 +771,11 @@ class ViLBERTForReferring(_TaskModel):
 
 
 # ---- the single-stream baseline (the paper's ablation) -------------------------------------------------------------
-class SingleStreamModel(nn.Module):
+class SingleStreamModel(CheckpointMixin, nn.Module):
     """One BERT over [text tokens ; region tokens]: the text stream's sizes and layers (config.hidden_size,
     num_hidden_layers, ...), regions embedded straight to hidden_size. Keys follow BERT (`encoder.layer.N`), so BERT
     initialisation loads the whole transformer. Returns the same ViLBERTOutput, so the pretraining heads are shared."""
+    official_prefix = "bert."
 
     def __init__(self, config: ViLBERTConfig, backend: Optional[str] = None):
         super().__init__()
