@@ -90,7 +90,8 @@ def _apex(op):
     try:
         from apex.normalization.fused_layer_norm import fused_layer_norm_affine
     except ImportError as e:
-        raise Skip(f"apex not importable ({e}); install the [apex] extra") from None
+        raise Skip(f"apex not importable ({e}); NVIDIA's apex is built from source (github.com/NVIDIA/apex), "
+                   "PyPI's 'apex' is another project") from None
     # apex fuses the normalization only; dropout and the residual add stay in eager PyTorch.
     return lambda t, p: fused_layer_norm_affine(F.dropout(t["x"], p) + t["residual"], t["weight"], t["bias"],
                                                 (t["x"].shape[-1],), EPS)
