@@ -133,6 +133,7 @@ def test_native_store_round_trip(tmp_path, records):
     assert not list(tmp_path.glob("*.partial-*"))
     # Many readers at once: a second store object on the same files shares this process's handle.
     assert_same_record(NativeStore(tmp_path / "store")[4], records[4], fp16=True)
+    assert store.image_ids() == [r["image_id"] for r in records]
 
 
 def test_tsv_reader_and_converter(tmp_path, records):
@@ -146,6 +147,7 @@ def test_tsv_reader_and_converter(tmp_path, records):
         assert isinstance(reader, TsvReader) and len(reader) == len(records)
         for i in (4, 0, 2):
             assert_same_record(reader[i], records[i], captions=False, cls_prob=name == "a.tsv")
+        assert reader.image_ids() == [r["image_id"] for r in records]
     meta = convert(tmp_path / "a.tsv", tmp_path / "store", "tsv", captions=tmp_path / "captions.json",
                    progress=False)
     assert meta["count"] == len(records) and meta["skipped"] == 0
@@ -183,6 +185,7 @@ def test_official_lmdb_reader_and_converter(tmp_path, records):
         assert isinstance(reader, OfficialFeatureLmdb) and len(reader) == len(records)
         for i in (3, 0):
             assert_same_record(reader[i], records[i], captions=False, cls_prob=False)
+        assert reader.image_ids() == [r["image_id"] for r in records]
     convert(tmp_path / "feat.lmdb", tmp_path / "store", "official-lmdb", captions=tmp_path / "captions.json",
             progress=False)
     store = open_store(tmp_path / "store")
@@ -290,6 +293,7 @@ def test_damaged_native_record_is_detected(tmp_path, records):
     with env.begin(write=True) as txn:
         value = txn.get(b"%010d" % 2)
         txn.put(b"%010d" % 2, value[: len(value) // 2])  # truncated
+        txn.put(b"%010d" % 3, b"\0" * 10)  # overwritten from the start
     env.close()
     store = NativeStore(tmp_path / "store")
     assert_same_record(store[1], records[1], fp16=True)
@@ -297,6 +301,10 @@ def test_damaged_native_record_is_detected(tmp_path, records):
         store[2]
     with pytest.raises(BadRecordError, match="record 2"):
         verify_store(tmp_path / "store")
+    # The id index reads only each record's first field: record 2's survived the cut, record 3's did not, and then
+    # the full decode names the record.
+    with pytest.raises(BadRecordError, match=r"record 3 of .*checksum mismatch"):
+        store.image_ids()
 
 
 def test_open_store_rejects_unknown_input(tmp_path):
@@ -326,6 +334,8 @@ def test_cli_convert_synth_info(tmp_path, records, capsys):
     assert "no TSV file at" in capsys.readouterr().err
     assert main(["synth", str(tmp_path / "s"), "--num-images", "20"]) == 1
     assert "already exists" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "a"), "--sample", "0"]) == 1
+    assert "--sample must be at least 1, got 0" in capsys.readouterr().err
     # The module entry point, as users run it.
     result = subprocess.run([sys.executable, "-m", "vilbert.data", "info", str(tmp_path / "s")],
                             capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})

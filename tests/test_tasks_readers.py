@@ -115,10 +115,13 @@ def test_retrieval_caption_readers(tmp_path):
     lines = tmp_path / "train.jsonl"
     lines.write_text('{"image_id": 1, "caption": "a dog"}\n\n{"image_id": "2", "sentences": ["a cat", "the cat"]}\n')
     assert load_captions(str(lines)) == [(1, "a dog"), (2, "a cat"), (2, "the cat")]
-    # vilbert-multi-task's files: COCO lines name the image by "id", Flickr30k lines by "img_path".
+    # vilbert-multi-task's files: COCO lines name the image by "id", Flickr30k lines by "img_path" (they also carry
+    # an "id" that is not the image's).
     mt = tmp_path / "all_data_final_test_set0_2014.jsonline"
-    mt.write_text('{"sentences": ["a dog", "one dog"], "id": 7}\n{"sentences": ["a cat"], "img_path": "1007.jpg"}\n')
-    assert load_captions(str(mt)) == [(7, "a dog"), (7, "one dog"), (1007, "a cat")]
+    mt.write_text('{"sentences": ["a dog", "one dog"], "id": 7, "img_path": "COCO_val2014_000000000007.jpg"}\n'
+                  '{"sentences": ["a cat"], "img_path": "1007.jpg"}\n'
+                  '{"sentences": ["a cow"], "id": 0, "img_path": "flickr30k_images/1000092795.jpg"}\n')
+    assert load_captions(str(mt)) == [(7, "a dog"), (7, "one dog"), (1007, "a cat"), (1000092795, "a cow")]
     mt.write_text('{"sentences": ["a dog"], "url": "x"}\n')
     with pytest.raises(ValueError, match=":1: expected an image id"):
         load_captions(str(mt))
@@ -133,6 +136,11 @@ def test_retrieval_caption_readers(tmp_path):
     assert load_captions(str(obj)) == [(5, "a cow"), (5, "cows")]  # COCO's captions file
     obj.write_text(json.dumps(["a dog"]))
     with pytest.raises(ValueError, match="JSON object"):
+        load_captions(str(obj))
+    karpathy = {"images": [{"filename": "1000092795.jpg", "split": "test", "sentences": [{"raw": "a cow"}]}],
+                "dataset": "flickr30k"}
+    obj.write_text(json.dumps(karpathy))
+    with pytest.raises(ValueError, match=r"value of 'images' is not a caption.*Karpathy"):
         load_captions(str(obj))
 
 
@@ -151,6 +159,32 @@ def test_retrieval_multiple_choice(store, tokenizer):
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(choices, again))
     batch = TaskCollator()([dataset[0], dataset[1]])
     assert batch["input_ids"].shape[0] == 2 * NUM_CHOICES
+
+
+def test_item_generators_take_every_seed_and_differ_per_item():
+    from vilbert.tasks.common import item_generator
+
+    def draw(seed, epoch, index):
+        return torch.rand(4, generator=item_generator(seed, epoch, index))
+    assert torch.equal(draw(5, 1, 2), draw(5, 1, 2))
+    draw(2**32 - 2, 10**6, 10**7)  # the largest seed train/ accepts (a linear combination overflowed 64 bits)
+    # items one epoch apart, seeds one apart: their own streams
+    assert not torch.equal(draw(0, 0, 1_000_003), draw(0, 1, 0))
+    assert not torch.equal(draw(1, 0, 0), draw(0, 1_000_003, 0))
+
+
+def test_image_index_reads_ids_only(store):
+    """index_images asks a store for its ids (`image_ids()`), not for every record with its features."""
+    from vilbert.tasks.common import index_images
+
+    class IdsOnly(list):
+        def image_ids(self):
+            return ["10", "x", "12"]
+
+        def __getitem__(self, i):
+            raise AssertionError("a record was decoded")
+    assert index_images(IdsOnly([None] * 3)) == {10: 0, "x": 1, 12: 2}
+    assert index_images(store) == {int(store[i]["image_id"]): i for i in range(len(store))}
 
 
 def test_score_all_pairs_matches_per_pair_scores(store, tokenizer):

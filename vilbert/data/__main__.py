@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def info(path: str, verify: bool = False, sample: int = 100) -> str:
+    if sample < 1:
+        raise ValueError(f"--sample must be at least 1, got {sample}")
     store = open_store(path)
     lines = [f"store       {os.path.abspath(path)}", f"format      {type(store).__name__}", f"records     {len(store)}"]
     if isinstance(store, NativeStore):

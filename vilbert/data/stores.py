@@ -248,6 +248,23 @@ class NativeStore(_LmdbStore):
             raise BadRecordError(f"{where}: missing (the store's header says {len(self)} records)", index=index)
         return _decode_native(value, where, index, self.meta)
 
+    def image_ids(self) -> list:
+        """Every record's image_id in order, without decoding the arrays (image_id is the payload's first field)."""
+        ids = []
+        with self.env.begin(write=False) as txn:
+            for index in range(len(self)):
+                value = txn.get(_native_key(index))
+                unpacker = msgpack.Unpacker(raw=False)
+                unpacker.feed(value[4:] if value is not None else b"")
+                try:
+                    unpacker.read_map_header()
+                    if unpacker.unpack() != "image_id":
+                        raise ValueError("the first field is not image_id")
+                    ids.append(unpacker.unpack())
+                except (ValueError, msgpack.OutOfData, msgpack.ExtraData):
+                    ids.append(self[index]["image_id"])  # raises the record's BadRecordError
+        return ids
+
 
 def _encode_native(record: dict) -> bytes:
     cls_prob = record.get("cls_prob")
@@ -449,6 +466,10 @@ class TsvReader(Sequence):
             f.seek(offsets[index])
             return self._parse(f.readline(), index)
 
+    def image_ids(self) -> list[str]:
+        """Every row's image_id (its first cell) in order, without parsing the arrays."""
+        return [line.split(b"\t", 1)[0].decode(errors="replace") for _, line in self._lines()]
+
     def iter_checked(self) -> Iterator[tuple[int, dict | BadRecordError]]:
         """Streams (index, record), or (index, BadRecordError) for a bad row, so a caller may skip it and go on."""
         for index, (_, line) in enumerate(self._lines()):
@@ -497,6 +518,10 @@ class OfficialFeatureLmdb(_LmdbStore):
 
     def __len__(self) -> int:
         return len(self._keys)
+
+    def image_ids(self) -> list[str]:
+        """Every record's image_id in order: the keys, which are str(image_id) in this format."""
+        return [key.decode(errors="replace") for key in self._keys]
 
     def __getitem__(self, index: int) -> dict:
         index = self._check_index(index)
@@ -658,7 +683,14 @@ def load_captions(path: str | os.PathLike) -> dict[str, list[str]]:
             captions.setdefault(str(annotation["image_id"]), []).append(annotation["caption"])
     elif isinstance(data, dict):
         for image_id, value in data.items():
-            captions[str(image_id)] = [value] if isinstance(value, str) else list(value)
+            value = [value] if isinstance(value, str) else value
+            if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+                karpathy = " (a Karpathy dataset_*.json: write the split you want as {image_id: [captions]})" \
+                    if "images" in data and "dataset" in data else ""
+                raise ValueError(f"captions file {os.fspath(path)!r}: the value of {str(image_id)!r} is not a caption "
+                                 f"or a list of captions{karpathy}; expected {{image_id: caption or [captions]}} or "
+                                 f"COCO's {{\"annotations\": [{{\"image_id\", \"caption\"}}, ...]}}")
+            captions[str(image_id)] = value
     else:
         raise ValueError(f"captions file {os.fspath(path)!r} must hold a JSON object, got {type(data).__name__}")
     return captions

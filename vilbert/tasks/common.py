@@ -29,9 +29,11 @@ def eval_mode(model: Optional[torch.nn.Module]):
 def index_images(store) -> Dict[object, int]:
     """{image_id: position} for a feature store (a random-access sequence of records with an `image_id`).
 
-    Reads every record once (the stores have no id index); datasets build it once at construction.
+    The stores list their ids without decoding the features (`image_ids()`); any other sequence is read record by
+    record.
     """
-    return {image_key(store[position]["image_id"]): position for position in range(len(store))}
+    ids = store.image_ids() if hasattr(store, "image_ids") else [store[i]["image_id"] for i in range(len(store))]
+    return {image_key(image_id): position for position, image_id in enumerate(ids)}
 
 
 def image_key(image_id):
@@ -44,8 +46,10 @@ def image_key(image_id):
 
 
 def item_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """The generator for one item's random choices, from (seed, epoch, index) only (not batch or worker layout)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + index)
+    """The generator for one item's random choices, from (seed, epoch, index) only (not batch or worker layout):
+    seeded by a hash of the three, so every (seed, epoch, index) gets its own stream, whatever their size."""
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
 
 
 def encode_text(tokenizer, text: str, max_text_len: int) -> Dict[str, torch.Tensor]:

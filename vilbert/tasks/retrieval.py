@@ -2,9 +2,10 @@
 
 Caption files users have:
   - JSON lines (.jsonl, .jsonline), one {"image_id": ..., "caption": "..."} or {..., "sentences": [...]} per line; the
-    vilbert-multi-task files (all_data_final_<split>.jsonline) name the image by "id" (COCO) or "img_path" (Flickr30k,
-    "<image_id>.jpg") instead;
-  - a JSON object {image_id: [captions]} (Flickr30k / COCO Karpathy-style) or {image_id: "caption"}.
+    vilbert-multi-task files (all_data_final_<split>.jsonline) name the image by "img_path" (Flickr30k,
+    "<image_id>.jpg") or "id" (COCO) instead;
+  - a JSON object {image_id: [captions]} or {image_id: "caption"} (one split's captions; Karpathy's dataset_*.json,
+    which holds every split, is refused with a note to write the split out in this form), or COCO's captions file.
 Training (as the paper): for each (caption, image) pair, 4 choices scored by a pair-score head, cross-entropy with the
 positive as the answer: the positive, the image with a random other caption, the caption with a random other image,
 and a hard negative image from a given pool (per image, e.g. its 100 nearest images) or, without a pool, a second
@@ -26,14 +27,14 @@ JSON_LINES_SUFFIXES = (".jsonl", ".jsonline", ".jsonlines")
 
 
 def _line_image_id(rec: dict):
-    """A caption line's image id: "image_id", or the vilbert-multi-task files' "id" / "img_path" stem; None if none."""
+    """A caption line's image id: "image_id", else the vilbert-multi-task files' "img_path" stem when it is a number
+    (Flickr30k's "<image_id>.jpg", which its official reader uses), else their "id" (COCO's); None if none."""
     if "image_id" in rec:
         return rec["image_id"]
-    if "id" in rec:
-        return rec["id"]
-    if "img_path" in rec:
-        return os.path.splitext(os.path.basename(rec["img_path"]))[0]
-    return None
+    stem = os.path.splitext(os.path.basename(str(rec.get("img_path", ""))))[0]
+    if stem.isdigit() or ("id" not in rec and stem):
+        return stem
+    return rec.get("id")
 
 
 def load_captions(path: str) -> List[Tuple[object, str]]:
