@@ -272,6 +272,24 @@ def interrupt_and_resume(directory, common, ranks, sig, at_step):
 
 
 @pytest.mark.distributed
+@pytest.mark.distributed
+def test_the_schedule_is_the_official_one_and_metrics_log_the_lr_each_step_used(tmp_path, store, zero2_runs):
+    """Step k runs at iteration k - 1 of the linear warmup and decay (the official LambdaLR schedule): only step 1 at
+    lr 0. (DeepSpeed's scheduler alone put steps 1 and 2 at lr 0, and get_lr() after the step is the next step's.)"""
+    _, straight, _ = zero2_runs
+    peak, total = 3e-3, 24  # ds_config's lr, the runs' --max_steps
+    warmup = max(1, round(0.1 * total))
+    official = [peak * (i / warmup if i < warmup else max(0.0, (total - i) / (total - warmup))) for i in range(total)]
+    assert losses(straight, "lr") == pytest.approx(official, rel=1e-6)
+    # What the logged lr says, the weights show: step 2 moves them.
+    run(1, tmp_path, "--data", store, "--model", "tiny", "--max_steps", "2", "--save_interval", "1",
+        "--deepspeed_config", ds_config(tmp_path))
+    weights = [torch.load(tmp_path / f"global_step{s}" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+               for s in (1, 2)]
+    assert losses(tmp_path, "lr")[1] > 0
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_sigterm_then_resume_equals_uninterrupted(tmp_path, zero2_runs):
     common, straight, _ = zero2_runs
     cut = interrupt_and_resume(tmp_path, common + ["--keep_last", "2"], ranks=2, sig=signal.SIGTERM, at_step=3)
@@ -291,6 +309,13 @@ def test_resume_refuses_another_seed_and_no_resume_starts_over(tmp_path, zero2_r
     output, _ = process.communicate(timeout=RUN_TIMEOUT)
     assert process.returncode != 0
     assert "cannot resume" in output and "seed=0, this sampler 1" in output, output[-3000:]
+    # Another train_batch_size (the same micro batch, more accumulation): the step would count other samples.
+    config = common.index("--deepspeed_config") + 1
+    bigger = common[:config] + [ds_config(tmp_path, global_batch=16, micro=4)] + common[config + 1:]
+    process = launch(1, tmp_path / "out", *bigger)
+    output, _ = process.communicate(timeout=RUN_TIMEOUT)
+    assert process.returncode != 0
+    assert "'train_batch_size': 8}, this run has {'world_size': 1, 'train_batch_size': 16}" in output, output[-3000:]
     steps = common.index("--max_steps") + 1
     run(1, tmp_path / "out", *common[:steps], "2", *common[steps + 1:], "--seed", "1", "--no_resume")
     assert max(metrics(tmp_path / "out")) == 2
@@ -442,6 +467,21 @@ def test_no_resume_sets_the_earlier_run_aside(tmp_path):
                                          "samples_rank0.jsonl"]
     assert os.path.dirname(moved) == str(tmp_path / "previous_runs")
     assert loop.set_aside_previous_run(str(tmp_path)) is None  # nothing left to move
+
+
+def test_resuming_sets_aside_saves_past_latest(tmp_path):
+    """A save cut short leaves a folder numbered past `latest`: the resumed run must neither write into it nor keep it
+    among its last checkpoints (pruning would delete a complete one instead)."""
+    for name in ("global_step4", "global_step8", "global_step12", "previous_runs"):
+        os.makedirs(tmp_path / name)
+    (tmp_path / "latest").write_text("global_step8")
+    moved = loop.set_aside_unfinished_saves(str(tmp_path))
+    assert os.listdir(moved) == ["global_step12"] and os.path.dirname(moved) == str(tmp_path / "previous_runs")
+    assert sorted(os.listdir(tmp_path)) == ["global_step4", "global_step8", "latest", "previous_runs"]
+    assert loop.set_aside_unfinished_saves(str(tmp_path)) is None
+    os.remove(tmp_path / "latest")  # a first save cut short: no `latest` yet, nothing of it is complete
+    moved = loop.set_aside_unfinished_saves(str(tmp_path))
+    assert sorted(os.listdir(moved)) == ["global_step4", "global_step8"]
 
 
 def test_cpu_turns_bf16_off_and_fills_the_schedule():

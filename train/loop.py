@@ -286,10 +286,11 @@ def check_world_size(output_dir, world_size):
                          f"{world_size}: resume it with the same world size, or pass --no_resume to start over")
 
 
-def resume_latest(engine, output_dir, world_size, rank, sampler):
+def resume_latest(engine, output_dir, world_size, rank, sampler, train_batch_size):
     """Loads the newest checkpoint in output_dir into the engine and the sampler (which refuses a position saved with
     another seed, dataset size or batch: it would name other samples) and restores this rank's RNG states; returns
-    the optimizer step, 0 when output_dir holds no checkpoint."""
+    the optimizer step, 0 when output_dir holds no checkpoint. Another world size or train_batch_size is refused: the
+    RNG states are per rank, and the step counts samples in global batches."""
     if not os.path.isfile(os.path.join(output_dir, "latest")):
         return 0
     check_world_size(output_dir, world_size)
@@ -299,13 +300,18 @@ def resume_latest(engine, output_dir, world_size, rank, sampler):
     if "sampler" not in client_state:
         raise SystemExit(f"{PROGRAM}: error: {load_path} was saved by an earlier version of this loop (no sampler "
                          "state); pass --no_resume to start over")
+    saved = {"world_size": len(client_state["rng"]),  # one RNG state per rank
+             "train_batch_size": client_state.get("train_batch_size", train_batch_size)}
+    this_run = {"world_size": world_size, "train_batch_size": train_batch_size}
+    if saved != this_run:
+        raise SystemExit(f"{PROGRAM}: error: {load_path} was saved with {saved}, this run has {this_run}: resume it "
+                         "with the same, or pass --no_resume to start over")
     try:
         sampler.load_state_dict(client_state["sampler"])
     except ValueError as error:
         raise SystemExit(f"{PROGRAM}: error: cannot resume {load_path}: {error}; run it with the saved run's --seed, "
                          "data and batch sizes, or pass --no_resume to start over") from None
-    if len(client_state["rng"]) == world_size:
-        set_rng_state(client_state["rng"][rank])
+    set_rng_state(client_state["rng"][rank])
     if rank == 0:
         print(f"{PROGRAM}: resumed from {load_path} at step {client_state['step']}, epoch {sampler.epoch}, "
               f"sample {sampler.consumed_samples}", flush=True)
@@ -316,9 +322,27 @@ def set_aside_previous_run(output_dir):
     """For --no_resume: moves an earlier run's checkpoints, `latest`, final/ and logs from output_dir into
     output_dir/previous_runs/<time>/, so that nothing of it is resumed, mixed into this run's checkpoint folders or
     deleted. Returns that folder, or None when there was nothing to move."""
-    names = [name for name in os.listdir(output_dir)
-             if _TAG.fullmatch(name) or name in ("latest", "final", "metrics.jsonl")
-             or re.fullmatch(r"samples_rank\d+\.jsonl", name)]
+    return _set_aside(output_dir, [name for name in os.listdir(output_dir)
+                                   if _TAG.fullmatch(name) or name in ("latest", "final", "metrics.jsonl")
+                                   or re.fullmatch(r"samples_rank\d+\.jsonl", name)])
+
+
+def set_aside_unfinished_saves(output_dir):
+    """Before resuming: moves checkpoint folders numbered past the one `latest` names (all of them when there is no
+    `latest`) into output_dir/previous_runs/<time>/. A save cut short (a hard kill, a lost node) leaves one; this run
+    would otherwise write its own save into it, or keep it among the last --keep_last and delete a complete one.
+    Returns that folder, or None when there was nothing to move."""
+    latest = os.path.join(output_dir, "latest")
+    resumed = -1
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            match = _TAG.fullmatch(f.read().strip())
+        resumed = int(match[1]) if match else -1
+    return _set_aside(output_dir, [name for name in os.listdir(output_dir)
+                                   if _TAG.fullmatch(name) and int(_TAG.fullmatch(name)[1]) > resumed])
+
+
+def _set_aside(output_dir, names):
     if not names:
         return None
     os.makedirs(os.path.join(output_dir, "previous_runs"), exist_ok=True)
@@ -487,13 +511,20 @@ def train(args, model, dataset, collator, ds_config, micro_step, summarize):
     torch.manual_seed(args.seed + rank)
 
     os.makedirs(args.output_dir, exist_ok=True)
-    if not args.resume and rank == 0:
-        previous = set_aside_previous_run(args.output_dir)
+    if rank == 0:
+        previous = (set_aside_unfinished_saves if args.resume else set_aside_previous_run)(args.output_dir)
         if previous:
-            print(f"{PROGRAM}: --no_resume: the earlier run's checkpoints and logs moved to {previous}", flush=True)
+            print(f"{PROGRAM}: " + ("checkpoint folders past `latest` (unfinished saves)" if args.resume else
+                                    "--no_resume: the earlier run's checkpoints and logs") + f" moved to {previous}",
+                  flush=True)
     dist.barrier()
     sampler = ResumableSampler(len(dataset), seed=args.seed, rank=rank, world_size=world_size, micro_batch_size=micro)
-    step = resume_latest(engine, args.output_dir, world_size, rank, sampler) if args.resume else 0
+    step = resume_latest(engine, args.output_dir, world_size, rank, sampler, global_batch) if args.resume else 0
+    if step == 0 and engine.lr_scheduler is not None:
+        # DeepSpeed's schedulers set iteration -1's lr when built and step after every optimizer step, and a warmup's
+        # iterations -1 and 0 both give lr 0. One step here makes optimizer step k use iteration k - 1, as the
+        # official schedule (LambdaLR): one step at lr 0, not two, and the last step at 1 / (total - warmup) of peak.
+        engine.lr_scheduler.step()
     # The position as the loop sees it (the loader's workers run ahead of it): epoch; global samples consumed in it.
     epoch, consumed = sampler.epoch, sampler.consumed_samples
 
@@ -515,6 +546,7 @@ def train(args, model, dataset, collator, ds_config, micro_step, summarize):
                 epoch, consumed = batch_epoch, 0
             loss, on_device, on_host = micro_step(engine, batch)
             engine.backward(loss)
+            lr = engine.get_lr()[0]  # the lr this optimizer step applies (the scheduler moves on in engine.step)
             engine.step()
             consumed += micro * world_size
             step_indices.extend(indices)
@@ -534,7 +566,7 @@ def train(args, model, dataset, collator, ds_config, micro_step, summarize):
             stopping = bool(flag.item())
             # On a stop, the steps since the last line get a line of their own (a resumed run starts a new window).
             if step % args.log_interval == 0 or step == max_steps or stopping:
-                record = {"step": step, "samples": step * global_batch, "epoch": epoch, "lr": engine.get_lr()[0],
+                record = {"step": step, "samples": step * global_batch, "epoch": epoch, "lr": lr,
                           **window.close(summarize, world_size), "max_mem_mb": peak_memory_mb()}
                 if rank == 0:
                     metrics_file.write(json.dumps(record) + "\n")
@@ -546,7 +578,8 @@ def train(args, model, dataset, collator, ds_config, micro_step, summarize):
             if step % args.save_interval == 0 or step >= max_steps or stopping:
                 saving_since = time.perf_counter()
                 position = {**sampler.state_dict(), "epoch": epoch, "consumed_samples": consumed}
-                save_checkpoint(engine, args.output_dir, {"step": step, "sampler": position}, args.keep_last)
+                client_state = {"step": step, "sampler": position, "train_batch_size": global_batch}
+                save_checkpoint(engine, args.output_dir, client_state, args.keep_last)
                 window.pause(saving_since)
             if step >= max_steps or stopping:
                 break
