@@ -157,12 +157,31 @@ def test_zero_shot_retrieval_from_pretraining_checkpoint(pretraining_class, task
     assert record["zero_shot"] and record["num_images"] == 4 and 0 <= record["image_retrieval_R@1"] <= 1
 
 
+def test_retrieval_takes_the_official_hard_negative_pool(tasks_dir, tiny_config, ds_config, tmp_path, capsys):
+    import pickle
+    from vilbert.tasks.retrieval import load_captions
+    images = sorted({image_id for image_id, _ in load_captions(os.path.join(tasks_dir, "captions_train.jsonl"))})
+    # vilbert-multi-task's layout: per image, indices into the image list of its nearest images (itself first).
+    pool = [[row, (row + 1) % len(images), (row + 2) % len(images)] for row in range(len(images))]
+    with open(tmp_path / "hard_negative.pkl", "wb") as f:
+        pickle.dump({"train_image_list": images, "train_hard_pool": pool}, f)
+    assert finetune.main(["--task", "retrieval", "--init", "none", "--model", tiny_config, "--data", tasks_dir,
+                          "--hard_negatives", str(tmp_path / "hard_negative.pkl"), "--max_steps", "1",
+                          "--deepspeed_config", ds_config, "--output_dir", str(tmp_path / "out")]) == 0
+    assert f"hard negatives: {len(images)} of {len(images)} train images have a pool" in capsys.readouterr().out
+
+
 def test_bad_arguments_fail_clearly(tasks_dir, tiny_config, ds_config, tmp_path, capsys):
     common = ["--data", tasks_dir, "--deepspeed_config", ds_config, "--output_dir", str(tmp_path / "out")]
     assert finetune.main(["--task", "vqa", "--init", str(tmp_path / "nowhere"), *common]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert finetune.main(["--task", "vqa", "--zero_shot", "--init", "none", *common]) == 2
     assert "--zero_shot is for --task retrieval" in capsys.readouterr().err
+    assert finetune.main(["--task", "vqa", "--hard_negatives", ds_config, "--init", "none", *common]) == 2
+    assert "--hard_negatives is for --task retrieval" in capsys.readouterr().err
+    assert finetune.main(["--task", "retrieval", "--hard_negatives", str(tmp_path / "no.pkl"), "--init", "none",
+                          *common]) == 2
+    assert "--hard_negatives '" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert finetune.main(["--task", "referring", "--init", "none", "--model", tiny_config, *common[2:],
                           "--data", str(tmp_path / "empty")]) == 2

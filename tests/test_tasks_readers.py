@@ -146,19 +146,37 @@ def test_retrieval_caption_readers(tmp_path):
 
 def test_retrieval_multiple_choice(store, tokenizer):
     pairs = [(1, "a dog"), (2, "a cat"), (3, "a bird"), (1, "one dog")]
-    dataset = RetrievalTrainDataset(pairs, store, tokenizer, seed=3, hard_negatives={1: [3, 99]}, max_text_len=8)
+    dataset = RetrievalTrainDataset(pairs, store, tokenizer, seed=3, hard_negatives={1: [3, 99, 1]}, max_text_len=8)
+    assert dataset.hard_negatives == {1: [3]}  # 99 has no caption, 1 is the image itself
     choices = dataset[0]
     assert len(choices) == NUM_CHOICES
-    first_feature = [int(c["image_features"][1, 0].item()) for c in choices]  # which image each choice shows
-    assert first_feature[0] == 1 and first_feature[1] == 1  # positive; same image with another image's caption
-    assert first_feature[2] in (2, 3) and first_feature[3] == 3  # a random other image; the hard negative
-    assert torch.equal(choices[0]["input_ids"], choices[2]["input_ids"])
-    assert not torch.equal(choices[0]["input_ids"], choices[1]["input_ids"])
+    image = [int(c["image_features"][1, 0].item()) for c in choices]  # which image each choice shows
+    text = [tokenizer.decode(c["input_ids"]) for c in choices]
+    assert image[0] == 1 and text[0] == "a dog"  # the positive
+    assert image[1] == 1 and text[1] in ("a cat", "a bird")  # the image with another image's caption
+    assert image[2] in (2, 3) and text[2] == "a dog"  # another image with the caption
+    assert image[3] == 1 and text[3] == "a bird"  # the image with its hard negative's caption
     again = dataset[0]
     # Seeded by (seed, epoch, i): the same item again is the same choices.
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(choices, again))
     batch = TaskCollator()([dataset[0], dataset[1]])
     assert batch["input_ids"].shape[0] == 2 * NUM_CHOICES
+
+
+def test_hard_negative_pools_from_the_official_pickle_and_json(tmp_path):
+    import pickle
+    from vilbert.tasks.retrieval import load_hard_negatives
+    official = {"train_image_list": [11, 12, 13], "train_hard_pool": np.array([[0, 2, 1], [1, 0, 2], [2, 1, 0]])}
+    with open(tmp_path / "hard_negative.pkl", "wb") as f:
+        pickle.dump(official, f)
+    # Row r holds indices into train_image_list of image r's nearest images; the first is skipped (the official).
+    assert load_hard_negatives(str(tmp_path / "hard_negative.pkl")) == {11: [13, 12], 12: [11, 13], 13: [12, 11]}
+    (tmp_path / "pools.json").write_text(json.dumps({"11": [12, "13"]}))
+    assert load_hard_negatives(str(tmp_path / "pools.json")) == {11: [12, 13]}
+    with open(tmp_path / "bad.pkl", "wb") as f:
+        pickle.dump([1, 2], f)
+    with pytest.raises(ValueError, match="train_image_list and train_hard_pool"):
+        load_hard_negatives(str(tmp_path / "bad.pkl"))
 
 
 def test_item_generators_take_every_seed_and_differ_per_item():

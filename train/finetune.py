@@ -25,7 +25,7 @@ Launch (same conventions as train/pretrain.py: batch sizes in the DeepSpeed JSON
     vqa:       v2_OpenEnded_mscoco_<split>_questions.json + v2_mscoco_<split>_annotations.json
     retrieval: captions_<split>.jsonl ({"image_id", "caption"} per line), captions_<split>.jsonline
                (vilbert-multi-task's all_data_final_<split>.jsonline, renamed) or captions_<split>.json
-               ({image_id: [...]})
+               ({image_id: [...]}); hard_negative.pkl (vilbert-multi-task's) is used when there
     referring: refs_<split>.json or .jsonl ([{"ref_id", "image_id", "sentences", "bbox": [x, y, w, h]}])
 and the feature store at <data>/features unless --features is given. Without --data: the built-in synthetic tasks.
 
@@ -72,7 +72,7 @@ from vilbert.tasks.models import (ARCHITECTURES, TASKS, alignment_score, evaluat
                                   load_pretraining_model, load_task_model, retrieval_score, task_hits)
 from vilbert.tasks.referring import ReferringDataset, load_refs  # noqa: E402
 from vilbert.tasks.retrieval import (JSON_LINES_SUFFIXES, NUM_CHOICES, RetrievalTrainDataset,  # noqa: E402
-                                     load_captions, retrieval_eval_set, score_all_pairs)
+                                     load_captions, load_hard_negatives, retrieval_eval_set, score_all_pairs)
 from vilbert.tasks.synthetic import FEATURES_DIR, ensure_synthetic_tasks  # noqa: E402
 from vilbert.tasks.vqa import VQA2_NUM_ANSWERS, AnswerVocab, VQADataset, load_vqa  # noqa: E402
 
@@ -104,6 +104,10 @@ def parse_args(argv=None):
                         help="retrieval: score pairs with the pretraining alignment head of --init "
                              "(implies --eval_only)")
     parser.add_argument("--eval_batch_size", type=int, default=64)
+    parser.add_argument("--hard_negatives",
+                        help="retrieval training: each image's hard negatives, vilbert-multi-task's hard_negative.pkl "
+                             "or JSON {image_id: [image_ids]} (default: <data>/hard_negative.pkl if there, else the "
+                             "4th choice takes a random image's caption)")
     parser.add_argument("--max_eval_images", type=int,
                         help="retrieval: evaluate on the first N val images and their captions (default: all)")
     add_run_arguments(parser, output_dir="runs/finetune")
@@ -113,6 +117,11 @@ def parse_args(argv=None):
         if args.task != "retrieval":
             raise UsageError(f"--zero_shot is for --task retrieval, got --task {args.task}")
         args.eval_only = True
+    if args.hard_negatives is not None:
+        if args.task != "retrieval":
+            raise UsageError(f"--hard_negatives is for --task retrieval, got --task {args.task}")
+        if not os.path.isfile(args.hard_negatives):
+            raise UsageError(f"--hard_negatives {args.hard_negatives!r} does not exist")
     if args.eval_only and args.init is None:
         raise UsageError("--eval_only needs a checkpoint (--init DIR)")
     if args.init is not None and not os.path.exists(args.init):
@@ -159,8 +168,16 @@ def build_datasets(args, data_dir, store, tokenizer):
     if args.task == "retrieval":
         def pairs(split):
             return load_captions(split_file(data_dir, "captions", split, (*JSON_LINES_SUFFIXES, ".json")))
-        train = None if args.eval_only else RetrievalTrainDataset(pairs(args.train_split), store, tokenizer,
-                                                                  seed=args.seed, **common)
+        train = None
+        if not args.eval_only:
+            default_pool = os.path.join(data_dir, "hard_negative.pkl")
+            pool_file = args.hard_negatives or (default_pool if os.path.isfile(default_pool) else None)
+            train = RetrievalTrainDataset(pairs(args.train_split), store, tokenizer, seed=args.seed,
+                                          hard_negatives=pool_file and load_hard_negatives(pool_file), **common)
+            if dist.get_rank() == 0:
+                print(f"finetune.py: hard negatives: {len(train.hard_negatives)} of {len(train.image_ids)} train "
+                      f"images have a pool from {pool_file}" if pool_file else "finetune.py: hard negatives: no "
+                      "pool (--hard_negatives), the 4th choice takes a random image's caption", flush=True)
         val_pairs = pairs(args.val_split)
         image_ids, captions, caption_image = retrieval_eval_set(val_pairs)
         if args.max_eval_images:

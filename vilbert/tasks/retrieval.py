@@ -6,13 +6,16 @@ Caption files users have:
     "<image_id>.jpg") or "id" (COCO) instead;
   - a JSON object {image_id: [captions]} or {image_id: "caption"} (one split's captions; Karpathy's dataset_*.json,
     which holds every split, is refused with a note to write the split out in this form), or COCO's captions file.
-Training (as the paper): for each (caption, image) pair, 4 choices scored by a pair-score head, cross-entropy with the
-positive as the answer: the positive, the image with a random other caption, the caption with a random other image,
-and a hard negative image from a given pool (per image, e.g. its 100 nearest images) or, without a pool, a second
-random image. Choice 0 is always the positive (the model sees each pair on its own, so the position does not leak).
+Training (the paper's 4-way multiple choice, drawn as the official fine-tuning draws it): for each (caption, image)
+pair, 4 choices scored by a pair-score head, cross-entropy with the positive as the answer: the positive; the image
+with a caption of a random other image; a random other image with the caption; the image with a caption of one of its
+hard negatives (a pool per image, e.g. its nearest images: vilbert-multi-task's hard_negative.pkl, see
+`load_hard_negatives`) or, without a pool, of another random image. Choice 0 is always the positive (the model sees
+each pair on its own, so the position does not leak).
 """
 import json
 import os
+import pickle
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -63,11 +66,34 @@ def load_captions(path: str) -> List[Tuple[object, str]]:
     return pairs
 
 
+def load_hard_negatives(path: str) -> Dict[object, List]:
+    """{image_id: [hard negative image_ids]} from vilbert-multi-task's hard_negative.pkl (`train_image_list`, and
+    `train_hard_pool`: per image of that list, indices into it of its nearest images, the first one skipped as the
+    official reader skips it) or from a JSON object {image_id: [image_ids]}. A pickle can run code when loaded: load
+    only files you trust."""
+    if path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            pools = json.load(f)
+        if not isinstance(pools, dict) or not all(isinstance(v, list) for v in pools.values()):
+            raise ValueError(f"{path}: expected a JSON object {{image_id: [image_ids]}}")
+        return {image_key(k): [image_key(v) for v in vs] for k, vs in pools.items()}
+    with open(path, "rb") as f:
+        data = pickle.load(f, encoding="latin1")
+    try:
+        images, pool = list(data["train_image_list"]), data["train_hard_pool"]
+        return {image_key(images[row]): [image_key(images[int(j)]) for j in pool[row][1:]]
+                for row in range(len(images))}
+    except (TypeError, KeyError, IndexError, ValueError) as error:
+        raise ValueError(f"{path}: expected vilbert-multi-task's hard_negative.pkl, a dict with train_image_list "
+                         f"and train_hard_pool (one row of indices into the list per image) ({error!r})") from None
+
+
 class RetrievalTrainDataset(torch.utils.data.Dataset):
     """Item i: the NUM_CHOICES samples (a list of dicts, positive first) of pair i; see the module docstring.
 
     Random choices come from a generator seeded by (seed, epoch, i), so an item does not depend on batch composition.
-    hard_negatives: {image_id: [candidate image_ids]} (ids that are not in the store are skipped).
+    hard_negatives: {image_id: [candidate image_ids]} (`load_hard_negatives`); candidates without captions among
+    `pairs` are skipped.
     """
 
     def __init__(self, pairs: Sequence[Tuple[object, str]], store, tokenizer, seed: int = 0,
@@ -81,13 +107,19 @@ class RetrievalTrainDataset(torch.utils.data.Dataset):
         if missing:
             raise ValueError(f"{len(missing)} caption image_ids are not in the feature store, "
                              f"e.g. {sorted(missing, key=str)[:3]}")
-        self.image_ids = sorted({i for i, _ in self.pairs}, key=str)
+        self.captions_of = {}
+        for image_id, caption in self.pairs:
+            self.captions_of.setdefault(image_id, []).append(caption)
+        self.image_ids = sorted(self.captions_of, key=str)
         if len(self.image_ids) < 2:
             raise ValueError("retrieval training needs captions of at least 2 images "
                              "(negatives come from other images)")
         self.image_position = {image_id: n for n, image_id in enumerate(self.image_ids)}
-        self.hard_negatives = {image_key(k): [image_key(v) for v in vs if image_key(v) in self.image_index]
-                               for k, vs in (hard_negatives or {}).items()}
+        self.hard_negatives = {}
+        for image_id, candidates in (hard_negatives or {}).items():
+            pool = [c for c in map(image_key, candidates) if c in self.captions_of and c != image_key(image_id)]
+            if pool:
+                self.hard_negatives[image_key(image_id)] = pool
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -107,19 +139,19 @@ class RetrievalTrainDataset(torch.utils.data.Dataset):
         j += j >= self.image_position[image_id]  # skip the image itself
         return self.image_ids[j]
 
+    def _caption_of(self, image_id, g: torch.Generator) -> str:
+        captions = self.captions_of[image_id]
+        return captions[int(torch.randint(len(captions), (), generator=g))]
+
     def __getitem__(self, i: int) -> List[dict]:
         g = item_generator(self.seed, self.epoch, i)
         image_id, caption = self.pairs[i]
-        # A random caption of another image (drawn over pairs, so images with more captions are picked more often).
-        while True:
-            other_image, other_caption = self.pairs[int(torch.randint(len(self.pairs), (), generator=g))]
-            if other_image != image_id:
-                break
-        pool = [p for p in self.hard_negatives.get(image_id, []) if p != image_id]
-        hard_image = (pool[int(torch.randint(len(pool), (), generator=g))] if pool
-                      else self._other_image(image_id, g))
-        return [self._sample(image_id, caption), self._sample(image_id, other_caption),
-                self._sample(self._other_image(image_id, g), caption), self._sample(hard_image, caption)]
+        pool = self.hard_negatives.get(image_id)
+        hard_image = pool[int(torch.randint(len(pool), (), generator=g))] if pool else self._other_image(image_id, g)
+        return [self._sample(image_id, caption),
+                self._sample(image_id, self._caption_of(self._other_image(image_id, g), g)),
+                self._sample(self._other_image(image_id, g), caption),
+                self._sample(image_id, self._caption_of(hard_image, g))]
 
 
 def retrieval_eval_set(pairs: Sequence[Tuple[object, str]]) -> Tuple[list, List[str], torch.Tensor]:
