@@ -512,11 +512,12 @@ def train(args, model, dataset, collator, ds_config, micro_step, summarize):
 
     os.makedirs(args.output_dir, exist_ok=True)
     if rank == 0:
-        previous = (set_aside_unfinished_saves if args.resume else set_aside_previous_run)(args.output_dir)
-        if previous:
-            print(f"{PROGRAM}: " + ("checkpoint folders past `latest` (unfinished saves)" if args.resume else
-                                    "--no_resume: the earlier run's checkpoints and logs") + f" moved to {previous}",
-                  flush=True)
+        if args.resume:
+            moved, what = set_aside_unfinished_saves(args.output_dir), "checkpoint folders past `latest` (cut short)"
+        else:
+            moved, what = set_aside_previous_run(args.output_dir), "--no_resume: the earlier run's checkpoints and logs"
+        if moved:
+            print(f"{PROGRAM}: {what} moved to {moved}", flush=True)
     dist.barrier()
     sampler = ResumableSampler(len(dataset), seed=args.seed, rank=rank, world_size=world_size, micro_batch_size=micro)
     step = resume_latest(engine, args.output_dir, world_size, rank, sampler, global_batch) if args.resume else 0
