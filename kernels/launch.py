@@ -15,7 +15,7 @@ def check_device(t: torch.Tensor, what: str) -> None:
     names t in the message."""
     if t.device.type not in ("cuda", "meta") and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"{what} is on {t.device}; the Triton kernels need a CUDA device "
-                         "(or TRITON_INTERPRET=1 to run them on the CPU)")
+                         "(or TRITON_INTERPRET=1 to run them on the CPU; triton 3.6's interpreter needs numpy < 2.4)")
 
 
 def as_rows(t: torch.Tensor, C: int) -> torch.Tensor:

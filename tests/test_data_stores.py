@@ -148,6 +148,9 @@ def test_tsv_reader_and_converter(tmp_path, records):
         for i in (4, 0, 2):
             assert_same_record(reader[i], records[i], captions=False, cls_prob=name == "a.tsv")
         assert reader.image_ids() == [r["image_id"] for r in records]
+    with open(tmp_path / "b.tsv", "ab") as f:
+        f.write(b"123\r\n")  # a row cut after its id: the id as the row's reader sees it
+    assert open_store(tmp_path / "b.tsv").image_ids()[-1] == "123"
     meta = convert(tmp_path / "a.tsv", tmp_path / "store", "tsv", captions=tmp_path / "captions.json",
                    progress=False)
     assert meta["count"] == len(records) and meta["skipped"] == 0

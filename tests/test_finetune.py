@@ -182,6 +182,9 @@ def test_bad_arguments_fail_clearly(tasks_dir, tiny_config, ds_config, tmp_path,
     assert finetune.main(["--task", "retrieval", "--hard_negatives", str(tmp_path / "no.pkl"), "--init", "none",
                           *common]) == 2
     assert "--hard_negatives '" in capsys.readouterr().err
+    assert finetune.main(["--task", "retrieval", "--hard_negatives", ds_config, "--eval_only", "--init", "none",
+                          *common]) == 2
+    assert "--hard_negatives is for training" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert finetune.main(["--task", "referring", "--init", "none", "--model", tiny_config, *common[2:],
                           "--data", str(tmp_path / "empty")]) == 2

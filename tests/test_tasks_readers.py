@@ -146,8 +146,9 @@ def test_retrieval_caption_readers(tmp_path):
 
 def test_retrieval_multiple_choice(store, tokenizer):
     pairs = [(1, "a dog"), (2, "a cat"), (3, "a bird"), (1, "one dog")]
-    dataset = RetrievalTrainDataset(pairs, store, tokenizer, seed=3, hard_negatives={1: [3, 99, 1]}, max_text_len=8)
-    assert dataset.hard_negatives == {1: [3]}  # 99 has no caption, 1 is the image itself
+    dataset = RetrievalTrainDataset(pairs, store, tokenizer, seed=3, hard_negatives={1: [3, 99, 1], 4: [1, 2]},
+                                    max_text_len=8)
+    assert dataset.hard_negatives == {1: [3]}  # 99 and 4 have no caption, 1 is the image itself
     choices = dataset[0]
     assert len(choices) == NUM_CHOICES
     image = [int(c["image_features"][1, 0].item()) for c in choices]  # which image each choice shows
@@ -177,6 +178,9 @@ def test_hard_negative_pools_from_the_official_pickle_and_json(tmp_path):
         pickle.dump([1, 2], f)
     with pytest.raises(ValueError, match="train_image_list and train_hard_pool"):
         load_hard_negatives(str(tmp_path / "bad.pkl"))
+    (tmp_path / "pools.jsonl").write_text('{"11": [12]}\n')  # not a pickle either
+    with pytest.raises(ValueError, match="hard_negative.pkl"):
+        load_hard_negatives(str(tmp_path / "pools.jsonl"))
 
 
 def test_item_generators_take_every_seed_and_differ_per_item():

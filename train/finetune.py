@@ -105,9 +105,10 @@ def parse_args(argv=None):
                              "(implies --eval_only)")
     parser.add_argument("--eval_batch_size", type=int, default=64)
     parser.add_argument("--hard_negatives",
-                        help="retrieval training: each image's hard negatives, vilbert-multi-task's hard_negative.pkl "
-                             "or JSON {image_id: [image_ids]} (default: <data>/hard_negative.pkl if there, else the "
-                             "4th choice takes a random image's caption)")
+                        help="retrieval training: each image's hard negatives, a .json file {image_id: [image_ids]} "
+                             "or else vilbert-multi-task's hard_negative.pkl (a pickle: load only files you trust; "
+                             "default: <data>/hard_negative.pkl if there, else the 4th choice takes a random image's "
+                             "caption)")
     parser.add_argument("--max_eval_images", type=int,
                         help="retrieval: evaluate on the first N val images and their captions (default: all)")
     add_run_arguments(parser, output_dir="runs/finetune")
@@ -122,6 +123,8 @@ def parse_args(argv=None):
             raise UsageError(f"--hard_negatives is for --task retrieval, got --task {args.task}")
         if not os.path.isfile(args.hard_negatives):
             raise UsageError(f"--hard_negatives {args.hard_negatives!r} does not exist")
+        if args.eval_only:
+            raise UsageError("--hard_negatives is for training; --eval_only trains nothing")
     if args.eval_only and args.init is None:
         raise UsageError("--eval_only needs a checkpoint (--init DIR)")
     if args.init is not None and not os.path.exists(args.init):
@@ -172,12 +175,15 @@ def build_datasets(args, data_dir, store, tokenizer):
         if not args.eval_only:
             default_pool = os.path.join(data_dir, "hard_negative.pkl")
             pool_file = args.hard_negatives or (default_pool if os.path.isfile(default_pool) else None)
+            pools = load_hard_negatives(pool_file) if pool_file else None
             train = RetrievalTrainDataset(pairs(args.train_split), store, tokenizer, seed=args.seed,
-                                          hard_negatives=pool_file and load_hard_negatives(pool_file), **common)
+                                          hard_negatives=pools, **common)
+            if pool_file:
+                note = f"{len(train.hard_negatives)} of {len(train.image_ids)} train images have a pool from {pool_file}"
+            else:
+                note = "no pool (--hard_negatives), the 4th choice takes a random image's caption"
             if dist.get_rank() == 0:
-                print(f"finetune.py: hard negatives: {len(train.hard_negatives)} of {len(train.image_ids)} train "
-                      f"images have a pool from {pool_file}" if pool_file else "finetune.py: hard negatives: no "
-                      "pool (--hard_negatives), the 4th choice takes a random image's caption", flush=True)
+                print(f"finetune.py: hard negatives: {note}", flush=True)
         val_pairs = pairs(args.val_split)
         image_ids, captions, caption_image = retrieval_eval_set(val_pairs)
         if args.max_eval_images:

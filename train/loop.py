@@ -34,6 +34,7 @@ import deepspeed.comm as dist
 import numpy as np
 import torch
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.lr_schedules import WarmupLR
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -337,7 +338,9 @@ def set_aside_unfinished_saves(output_dir):
     if os.path.isfile(latest):
         with open(latest) as f:
             match = _TAG.fullmatch(f.read().strip())
-        resumed = int(match[1]) if match else -1
+        if not match:
+            return None  # not ours to judge: resume_latest reports it
+        resumed = int(match[1])
     return _set_aside(output_dir, [name for name in os.listdir(output_dir)
                                    if _TAG.fullmatch(name) and int(_TAG.fullmatch(name)[1]) > resumed])
 
@@ -521,10 +524,11 @@ def train(args, model, dataset, collator, ds_config, micro_step, summarize):
     dist.barrier()
     sampler = ResumableSampler(len(dataset), seed=args.seed, rank=rank, world_size=world_size, micro_batch_size=micro)
     step = resume_latest(engine, args.output_dir, world_size, rank, sampler, global_batch) if args.resume else 0
-    if step == 0 and engine.lr_scheduler is not None:
-        # DeepSpeed's schedulers set iteration -1's lr when built and step after every optimizer step, and a warmup's
-        # iterations -1 and 0 both give lr 0. One step here makes optimizer step k use iteration k - 1, as the
-        # official schedule (LambdaLR): one step at lr 0, not two, and the last step at 1 / (total - warmup) of peak.
+    if step == 0 and isinstance(engine.lr_scheduler, WarmupLR):
+        # DeepSpeed's WarmupLR and WarmupDecayLR set iteration -1's lr when built and step after every optimizer step,
+        # and both iterations -1 and 0 give the minimum lr (0 in our configs). One step here makes optimizer step k use
+        # iteration k - 1, as the official schedule (LambdaLR): one step at lr 0, not two, and the last step at
+        # 1 / (total - warmup) of peak.
         engine.lr_scheduler.step()
     # The position as the loop sees it (the loader's workers run ahead of it): epoch; global samples consumed in it.
     epoch, consumed = sampler.epoch, sampler.consumed_samples

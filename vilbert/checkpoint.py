@@ -6,7 +6,7 @@
     Model.from_pretrained(dir, backend=None)
     model.load_official_state_dict(sd_or_path)    # official keys (pytorch_model*.bin); q_dense layers skipped
     model.to_official_state_dict()                # back to official keys
-    model.load_bert(bert_dir)                     # text stream (+ MLM head) from a Hugging Face BERT checkpoint
+    model.load_bert(bert_path)                    # text stream (+ MLM head) from a Hugging Face BERT checkpoint
 
 Our parameter names are the official ones, so the official map is a prefix: a model's key = official key minus
 `official_prefix` ("bert." for ViLBERTModel, "" for the models with heads). Anything that does not fit raises an
@@ -141,17 +141,18 @@ class CheckpointMixin:
         return {self.official_prefix + key: value for key, value in self.state_dict().items()}
 
     # ---- Hugging Face BERT -------------------------------------------------------------------------------------------
-    def load_bert(self, bert_dir) -> LoadReport:
+    def load_bert(self, bert_path) -> LoadReport:
         """Initialise the text stream (and the MLM head where the model has one) from a Hugging Face BERT checkpoint:
         its directory (pytorch_model.bin or model.safetensors) or that file. Old names (LayerNorm gamma/beta) are renamed, a missing
         `bert.` prefix is added. Returns what was loaded, what the model kept, and what BERT had extra (its pooler and
         next-sentence head: ViLBERT's poolers have other sizes). A shape mismatch is an error, and so is a text
         stream (embeddings, text layers) the checkpoint does not fill: another model type, or fewer layers."""
-        if not Path(bert_dir).exists():
-            raise FileNotFoundError(f"BERT checkpoint not found: {bert_dir} (expected a directory or a weights file)")
+        if not Path(bert_path).exists():
+            raise FileNotFoundError(f"BERT checkpoint not found: {bert_path} (expected a directory or a weights "
+                                    "file)")
         mapped, unexpected = {}, []
         targets = self.state_dict(keep_vars=True)
-        for key, value in read_state_dict(bert_dir).items():
+        for key, value in read_state_dict(bert_path).items():
             name = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", key))
             if name.startswith(_BERT_MODULES):
                 name = "bert." + name
@@ -163,7 +164,7 @@ class CheckpointMixin:
             mapped[ours] = (key, value)
         unfilled = [name for name in targets if _TEXT_STREAM.match(name) and name not in mapped]
         if unfilled:
-            raise ValueError(f"BERT checkpoint {bert_dir} leaves the text stream partly random: {unfilled[:5]} "
+            raise ValueError(f"BERT checkpoint {bert_path} leaves the text stream partly random: {unfilled[:5]} "
                              f"({len(unfilled)} in all) not loaded; it holds {len(mapped)} of the model's tensors and "
                              f"{len(unexpected)} it has no place for (e.g. {unexpected[:3]}); expected a BERT with the "
                              f"config's {self.config.num_hidden_layers} layers")

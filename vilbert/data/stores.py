@@ -249,19 +249,20 @@ class NativeStore(_LmdbStore):
         return _decode_native(value, where, index, self.meta)
 
     def image_ids(self) -> list:
-        """Every record's image_id in order, without decoding the arrays (image_id is the payload's first field)."""
+        """Every record's image_id in order, read from the start of each payload (image_id is its first field)
+        without copying or checking the rest: a damaged record shows when it is read (or by verify_store)."""
         ids = []
-        with self.env.begin(write=False) as txn:
+        with self.env.begin(write=False, buffers=True) as txn:
             for index in range(len(self)):
                 value = txn.get(_native_key(index))
                 unpacker = msgpack.Unpacker(raw=False)
-                unpacker.feed(value[4:] if value is not None else b"")
+                unpacker.feed(bytes(value[4:260]) if value is not None else b"")
                 try:
                     unpacker.read_map_header()
                     if unpacker.unpack() != "image_id":
                         raise ValueError("the first field is not image_id")
                     ids.append(unpacker.unpack())
-                except (ValueError, msgpack.OutOfData, msgpack.ExtraData):
+                except (ValueError, msgpack.OutOfData):  # cut short, damaged, or an id longer than the prefix
                     ids.append(self[index]["image_id"])  # raises the record's BadRecordError
         return ids
 
@@ -468,7 +469,7 @@ class TsvReader(Sequence):
 
     def image_ids(self) -> list[str]:
         """Every row's image_id (its first cell) in order, without parsing the arrays."""
-        return [line.split(b"\t", 1)[0].decode(errors="replace") for _, line in self._lines()]
+        return [line.rstrip(b"\r\n").split(b"\t", 1)[0].decode(errors="replace") for _, line in self._lines()]
 
     def iter_checked(self) -> Iterator[tuple[int, dict | BadRecordError]]:
         """Streams (index, record), or (index, BadRecordError) for a bad row, so a caller may skip it and go on."""

@@ -29,8 +29,8 @@ def eval_mode(model: Optional[torch.nn.Module]):
 def index_images(store) -> Dict[object, int]:
     """{image_id: position} for a feature store (a random-access sequence of records with an `image_id`).
 
-    The stores list their ids without decoding the features (`image_ids()`); any other sequence is read record by
-    record.
+    The stores list their ids without decoding the features (`image_ids()`), so a damaged record shows when a
+    dataset reads it, not here; any other sequence is read record by record.
     """
     ids = store.image_ids() if hasattr(store, "image_ids") else [store[i]["image_id"] for i in range(len(store))]
     return {image_key(image_id): position for position, image_id in enumerate(ids)}

@@ -77,14 +77,14 @@ def load_hard_negatives(path: str) -> Dict[object, List]:
         if not isinstance(pools, dict) or not all(isinstance(v, list) for v in pools.values()):
             raise ValueError(f"{path}: expected a JSON object {{image_id: [image_ids]}}")
         return {image_key(k): [image_key(v) for v in vs] for k, vs in pools.items()}
-    with open(path, "rb") as f:
-        data = pickle.load(f, encoding="latin1")
     try:
+        with open(path, "rb") as f:
+            data = pickle.load(f, encoding="latin1")
         images, pool = list(data["train_image_list"]), data["train_hard_pool"]
         return {image_key(images[row]): [image_key(images[int(j)]) for j in pool[row][1:]]
                 for row in range(len(images))}
-    except (TypeError, KeyError, IndexError, ValueError) as error:
-        raise ValueError(f"{path}: expected vilbert-multi-task's hard_negative.pkl, a dict with train_image_list "
+    except (pickle.UnpicklingError, EOFError, TypeError, KeyError, IndexError, ValueError) as error:
+        raise ValueError(f"{path}: expected vilbert-multi-task's hard_negative.pkl (or a .json file), a dict with train_image_list "
                          f"and train_hard_pool (one row of indices into the list per image) ({error!r})") from None
 
 
@@ -117,9 +117,10 @@ class RetrievalTrainDataset(torch.utils.data.Dataset):
         self.image_position = {image_id: n for n, image_id in enumerate(self.image_ids)}
         self.hard_negatives = {}
         for image_id, candidates in (hard_negatives or {}).items():
-            pool = [c for c in map(image_key, candidates) if c in self.captions_of and c != image_key(image_id)]
-            if pool:
-                self.hard_negatives[image_key(image_id)] = pool
+            image_id = image_key(image_id)
+            pool = [c for c in map(image_key, candidates) if c in self.captions_of and c != image_id]
+            if pool and image_id in self.captions_of:
+                self.hard_negatives[image_id] = pool
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:

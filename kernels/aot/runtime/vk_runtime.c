@@ -157,7 +157,7 @@ const char *vk_status_string(vk_status status) {
   switch (status) {
     case VK_SUCCESS: return "success";
     case VK_ERROR_INVALID_VALUE: return "invalid argument (a size, stride or pointer out of range)";
-    case VK_ERROR_MISALIGNED: return "a device pointer or an input's row stride is not 16-byte aligned";
+    case VK_ERROR_MISALIGNED: return "a device pointer or an input's stride is not 16-byte aligned";
     case VK_ERROR_UNSUPPORTED: return "no kernel compiled for this GPU architecture, dtype and head dim";
     case VK_ERROR_NO_DRIVER: return "the CUDA driver (libcuda.so.1) could not be loaded";
     case VK_ERROR_NO_CONTEXT: return "no CUDA context is current on the calling thread";

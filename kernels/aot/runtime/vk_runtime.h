@@ -39,8 +39,8 @@ static inline int vk_rows_aligned(vk_tensor t, int64_t batch, int64_t seqlen, in
  * row stride `stride_seq`, past its `seqlen` rows by up to a tile of 128 (masked, but addressed): as the Python
  * launcher's check, which copies such a tensor where this one refuses it. */
 static inline int vk_rows_addressable(int64_t stride_seq, int64_t seqlen, int64_t headdim) {
+  if (stride_seq < -INT32_MAX || stride_seq > INT32_MAX || seqlen > INT32_MAX || headdim > INT32_MAX) return 0;
   if (stride_seq < 0) stride_seq = -stride_seq;
-  if (stride_seq > INT32_MAX || seqlen > INT32_MAX || headdim > INT32_MAX) return 0;
   return (seqlen + 128) * stride_seq + headdim <= INT32_MAX;
 }
 
