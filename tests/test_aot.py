@@ -239,7 +239,8 @@ SCALE_ROWS = textwrap.dedent('''
         args={"X": "x", "Y": "y", "LENS": "lens", "stride_xr": "stride_x", "stride_yr": "stride_y", "n_cols": "cols",
               "alpha": "alpha"},
         grid=("rows", "1", "1"),
-        checks="  if (rows < 0 || cols < 0) return VK_ERROR_INVALID_VALUE;\\n")
+        checks=("  if (rows < 0 || cols < 0)\\n"
+                "    return vk_fail(VK_ERROR_INVALID_VALUE, \\"rows and cols must be >= 0\\");\\n"))
 
     if __name__ == "__main__":
         generate(sys.argv[1], ["sm_90", "sm_80"], [LAUNCHER])
@@ -253,16 +254,17 @@ SCALE_ROWS_HARNESS = r"""
 #include "vilbert_kernels.h"
 vk_status vk_scale_rows(int fp32, CUdeviceptr x, CUdeviceptr y, CUdeviceptr lens, int64_t rows, int64_t cols,
                         int64_t stride_x, int64_t stride_y, float alpha, CUstream stream);
+static void report(vk_status status) { printf("status %d %s\n", (int)status, vk_last_error_message()); }
 int main(void) {
   CUstream s = (CUstream)0x5000;
-  printf("status %d\n", vk_scale_rows(0, 0x1000, 0x2000, 0x3000, 5, 100, 1ll << 33, 96, 0.5f, s));  /* BLOCK 256 */
-  printf("status %d\n", vk_scale_rows(0, 0x1000, 0x2000, 0x3000, 7, 64, 64, 64, 2.0f, s));          /* BLOCK 64 */
-  printf("status %d\n", vk_scale_rows(0, 0x1000, 0x2000, 0x3000, 9, 50, 64, 64, 2.0f, s));          /* cached */
-  printf("status %d\n", vk_scale_rows(0, 0x1000, 0x2000, 0x3000, 0, 50, 64, 64, 2.0f, s));          /* no rows */
-  printf("status %d\n", vk_scale_rows(0, 0x1008, 0x2000, 0x3000, 5, 50, 64, 64, 2.0f, s));
-  printf("status %d\n", vk_scale_rows(0, 0x1000, 0x2000, 0x3000, 5, 50, 64, 1ll << 40, 2.0f, s));
-  printf("status %d\n", vk_scale_rows(0, 0x1000, 0x2000, 0x3000, 5, 300, 64, 64, 2.0f, s));
-  printf("status %d\n", vk_scale_rows(0, 0x1000, 0x2000, 0x3000, -1, 50, 64, 64, 2.0f, s));
+  report(vk_scale_rows(0, 0x1000, 0x2000, 0x3000, 5, 100, 1ll << 33, 96, 0.5f, s));  /* BLOCK 256 */
+  report(vk_scale_rows(0, 0x1000, 0x2000, 0x3000, 7, 64, 64, 64, 2.0f, s));          /* BLOCK 64 */
+  report(vk_scale_rows(0, 0x1000, 0x2000, 0x3000, 9, 50, 64, 64, 2.0f, s));          /* cached */
+  report(vk_scale_rows(0, 0x1000, 0x2000, 0x3000, 0, 50, 64, 64, 2.0f, s));          /* no rows */
+  report(vk_scale_rows(0, 0x1008, 0x2000, 0x3000, 5, 50, 64, 64, 2.0f, s));
+  report(vk_scale_rows(0, 0x1000, 0x2000, 0x3000, 5, 50, 64, 1ll << 40, 2.0f, s));
+  report(vk_scale_rows(0, 0x1000, 0x2000, 0x3000, 5, 300, 64, 64, 2.0f, s));
+  report(vk_scale_rows(0, 0x1000, 0x2000, 0x3000, -1, 50, 64, 64, 2.0f, s));
   printf("last_cuda_result %d\n", (int)vk_last_cuda_result());
   return 0;
 }
@@ -315,6 +317,10 @@ def test_launcher_passes_what_the_kernel_takes(tmp_path, scale_rows_build, arch)
         return
     assert statuses == [VK_SUCCESS] * 4 + [VK_ERROR_MISALIGNED, VK_ERROR_INVALID_VALUE, VK_ERROR_UNSUPPORTED,
                                            VK_ERROR_INVALID_VALUE]
+    messages = [line.split(" ", 2)[2] for line in stdout.splitlines() if line.startswith("status")]
+    unsupported = "no kernel compiled for these arguments (dtype, head dim) on this GPU's architecture"
+    assert messages == [""] * 4 + ["x is not 16-byte aligned", "stride_y is beyond int32", unsupported,
+                                   "rows and cols must be >= 0"]  # the last from the launcher's own check
     first, second, third = _launches(stdout, SCALE_ROWS_PARAMS)  # the empty grid launches nothing
     built_for = 90 if arch == 90 else 80  # sm_80 cubins run on 8.6; sm_90a ones only on 9.0
     assert cubin_of[first["loads"][-1]] == ("scale_rows[fp16,BLOCK=256]", built_for)
@@ -332,16 +338,19 @@ def test_launcher_errors_from_the_driver(tmp_path, scale_rows_build):
     lib_dir = _build_fake_driver(tmp_path)
     stdout = _run_harness(tmp_path, SCALE_ROWS_HARNESS, objects, lib_dir, SCALE_ROWS_PARAMS,
                           extra_env={"FAKE_NO_CONTEXT": "1"})
-    assert stdout.splitlines()[0] == "status 5"  # VK_ERROR_NO_CONTEXT
+    assert stdout.splitlines()[0] == ("status 5 no CUDA context is current on the calling thread (cudaSetDevice makes "
+                                      "one)")  # VK_ERROR_NO_CONTEXT
     stdout = _run_harness(tmp_path, SCALE_ROWS_HARNESS, objects, lib_dir, SCALE_ROWS_PARAMS,
                           extra_env={"FAKE_NO_FUNCTION": "1"})
     lines = stdout.splitlines()
-    assert lines[:4] == ["load " + lines[0].split()[1], "function scale_rows_kernel", "unload", "status 6"]
+    assert lines[:3] == ["load " + lines[0].split()[1], "function scale_rows_kernel", "unload"]
+    assert lines[3] == "status 6 a CUDA driver call failed (vk_last_cuda_result() says which error)"
     assert lines[-1] == "last_cuda_result 500"  # CUDA_ERROR_NOT_FOUND, kept by vk_last_cuda_result
     os.remove(lib_dir / "libcuda.so.1")
     if not any(os.path.exists(os.path.join(d, "libcuda.so.1")) for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib64")):
         stdout = _run_harness(tmp_path, SCALE_ROWS_HARNESS, objects, lib_dir, SCALE_ROWS_PARAMS)
-        assert stdout.splitlines()[0] == f"status {VK_ERROR_NO_DRIVER}"
+        no_driver = "the CUDA driver (libcuda.so.1) could not be loaded"
+        assert stdout.splitlines()[0] == f"status {VK_ERROR_NO_DRIVER} {no_driver}"
 
 
 def test_generator_rejects_an_unmapped_kernel_argument():
@@ -362,7 +371,8 @@ def test_generator_rejects_an_unmapped_kernel_argument():
 # The library: CMake build, exported symbols, the attention launchers
 # ----------------------------------------------------------------------------------------------------------------------
 
-API = ["vk_attention_forward", "vk_co_attention_forward", "vk_status_string", "vk_last_cuda_result"]
+API = ["vk_attention_forward", "vk_co_attention_forward", "vk_status_string", "vk_last_cuda_result",
+       "vk_last_error_message"]
 
 
 def test_cmake_builds_libraries_and_example(build_dir):
@@ -408,36 +418,37 @@ def test_installed_package_is_found_by_cmake(build_dir, tmp_path):
 ATTENTION_HARNESS = r"""
 #include <stdio.h>
 #include "vilbert_kernels.h"
+static void report(vk_status status) { printf("status %d %s\n", (int)status, vk_last_error_message()); }
 static vk_tensor t(CUdeviceptr data, int64_t sb, int64_t sl, int64_t sh) { vk_tensor x = {data, sb, sl, sh}; return x; }
 int main(void) {
   CUstream s = (CUstream)0x5000;
   /* q as a slice of a fused (B, L, 3, H, D) projection; k, v contiguous */
-  printf("status %d\n", vk_attention_forward(VK_BFLOAT16, 2, 100, 10, 3, 128, t(0x10000, 100 * 1152, 1152, 128),
+  report(vk_attention_forward(VK_BFLOAT16, 2, 100, 10, 3, 128, t(0x10000, 100 * 1152, 1152, 128),
          t(0x20000, 3840, 384, 128), t(0x30000, 3840, 384, 128), 0x40000, 0x50000, 0x60000, 0x70000, 0.125f, s));
-  printf("status %d\n", vk_attention_forward(VK_FLOAT16, 2, 20, 32, 3, 64, t(0x10000, 8, 16, 24),
+  report(vk_attention_forward(VK_FLOAT16, 2, 20, 32, 3, 64, t(0x10000, 8, 16, 24),
          t(0x20000, 32, 40, 48), t(0x30000, 56, 64, 72), 0x40000, 0x50000, 0x60000, 0x70000, 0.125f, s));
-  printf("status %d\n", vk_co_attention_forward(VK_FLOAT16, 4, 36, 37, 8, 64, t(0x1000, 88, 96, 104),
+  report(vk_co_attention_forward(VK_FLOAT16, 4, 36, 37, 8, 64, t(0x1000, 88, 96, 104),
          t(0x2000, 112, 120, 128), t(0x3000, 136, 144, 152), t(0x4000, 168, 176, 184), t(0x5000, 192, 200, 208),
          t(0x6000, 216, 224, 232), 0x7000, 0x8000, 0x9000, 0xa000, 0xb000, 0xc000, 0.5f, s));
-  printf("status %d\n", vk_attention_forward(VK_FLOAT32, 2, 20, 32, 3, 64, t(0x10000, 8, 16, 24),
+  report(vk_attention_forward(VK_FLOAT32, 2, 20, 32, 3, 64, t(0x10000, 8, 16, 24),
          t(0x20000, 32, 40, 48), t(0x30000, 56, 64, 72), 0x40000, 0x50000, 0x60000, 0x70000, 0.125f, s));
-  printf("status %d\n", vk_attention_forward(VK_FLOAT16, 2, 20, 32, 3, 96, t(0x10000, 8, 16, 24),
+  report(vk_attention_forward(VK_FLOAT16, 2, 20, 32, 3, 96, t(0x10000, 8, 16, 24),
          t(0x20000, 32, 40, 48), t(0x30000, 56, 64, 72), 0x40000, 0x50000, 0x60000, 0x70000, 0.125f, s));
-  printf("status %d\n", vk_attention_forward(VK_FLOAT16, 2, 20, 32, 3, 64, t(0x10000, 8, 16, 24),
+  report(vk_attention_forward(VK_FLOAT16, 2, 20, 32, 3, 64, t(0x10000, 8, 16, 24),
          t(0x20000, 32, 40, 48), t(0x30000, 56, 64, 72), 0x40000, 0x50000, 0, 0x70000, 0.125f, s));
-  printf("status %d\n", vk_attention_forward(VK_FLOAT16, 2, 20, 32, 3, 64, t(0x10000, 8, 16, 24),
+  report(vk_attention_forward(VK_FLOAT16, 2, 20, 32, 3, 64, t(0x10000, 8, 16, 24),
          t(0x20000, 32, 40, 48), t(0x30000, 56, 64, 72), 0x40000, 0x50000, 0x60000, 0x70000, -1.0f, s));
   /* rows not 16-byte aligned: a stride of 260 fp16 elements (520 bytes); a head stride of 68 in image_v */
-  printf("status %d\n", vk_attention_forward(VK_FLOAT16, 2, 20, 32, 3, 64, t(0x10000, 8, 260, 24),
+  report(vk_attention_forward(VK_FLOAT16, 2, 20, 32, 3, 64, t(0x10000, 8, 260, 24),
          t(0x20000, 32, 40, 48), t(0x30000, 56, 64, 72), 0x40000, 0x50000, 0x60000, 0x70000, 0.125f, s));
-  printf("status %d\n", vk_co_attention_forward(VK_FLOAT16, 4, 36, 37, 8, 64, t(0x1000, 88, 96, 104),
+  report(vk_co_attention_forward(VK_FLOAT16, 4, 36, 37, 8, 64, t(0x1000, 88, 96, 104),
          t(0x2000, 112, 120, 128), t(0x3000, 136, 144, 152), t(0x4000, 168, 176, 184), t(0x5000, 192, 200, 208),
          t(0x6000, 216, 224, 68), 0x7000, 0x8000, 0x9000, 0xa000, 0xb000, 0xc000, 0.5f, s));
   /* sequence-first (L, B, H, D) inputs, B = 256, H = 16: row 9000 lies 2.36e9 elements into its sample, beyond the
      kernels' 32-bit row offsets; then the same for co-attention's image keys alone */
-  printf("status %d\n", vk_attention_forward(VK_FLOAT16, 256, 9000, 9000, 16, 64, t(0x10000, 1024, 262144, 64),
+  report(vk_attention_forward(VK_FLOAT16, 256, 9000, 9000, 16, 64, t(0x10000, 1024, 262144, 64),
          t(0x20000, 1024, 262144, 64), t(0x30000, 1024, 262144, 64), 0x40000, 0x50000, 0x60000, 0x70000, 0.125f, s));
-  printf("status %d\n", vk_co_attention_forward(VK_FLOAT16, 256, 36, 9000, 16, 64, t(0x1000, 36 * 1024, 1024, 64),
+  report(vk_co_attention_forward(VK_FLOAT16, 256, 36, 9000, 16, 64, t(0x1000, 36 * 1024, 1024, 64),
          t(0x2000, 36 * 1024, 1024, 64), t(0x3000, 36 * 1024, 1024, 64), t(0x4000, 9000 * 1024, 1024, 64),
          t(0x5000, 1024, 262144, 64), t(0x6000, 9000 * 1024, 1024, 64), 0x7000, 0x8000, 0x9000, 0xa000, 0xb000,
          0xc000, 0.5f, s));
@@ -470,9 +481,20 @@ def test_attention_launchers_against_fake_driver(tmp_path, build_dir, arch):
     cubin_of = {_fnv1a((build_dir / "generated" / m["cubin"]).read_bytes()): m["spec"] for m in manifest}
     stdout = _run_harness(tmp_path, ATTENTION_HARNESS, [str(build_dir / "libvilbert_kernels.a")],
                           _build_fake_driver(tmp_path), params, arch=arch)
-    statuses = [int(line.split()[1]) for line in stdout.splitlines() if line.startswith("status")]
+    reports = [line.split(" ", 2)[1:] for line in stdout.splitlines() if line.startswith("status")]
+    statuses = [int(status) for status, _ in reports]
     assert statuses == ([VK_SUCCESS] * 3 + [VK_ERROR_UNSUPPORTED] * 2 + [VK_ERROR_INVALID_VALUE] * 2
                         + [VK_ERROR_MISALIGNED] * 2 + [VK_ERROR_INVALID_VALUE] * 2)
+    # vk_last_error_message names what was wrong (and keeps it through later successful calls, as errno)
+    messages = [message for _, message in reports]
+    assert messages[:3] == [""] * 3  # no error yet
+    assert messages[3:] == [
+        "no kernel compiled for these arguments (dtype, head dim) on this GPU's architecture"] * 2 + [
+        "q_lens is NULL", "softmax_scale must be finite and > 0",
+        "q: a stride of a dim longer than 1 is not a multiple of 16 bytes",
+        "image_v: a stride of a dim longer than 1 is not a multiple of 16 bytes",
+        "q: (seqlen_q + 128) * stride_seq + headdim reaches 2^31: beyond the kernels' 32-bit row offsets",
+        "image_k: (seqlen_image + 128) * stride_seq + headdim reaches 2^31: beyond the kernels' 32-bit row offsets"]
     bf16, fp16, co = _launches(stdout, params)
 
     variant = _expected_variant(manifest, "vk_attention_forward", arch, "bf16", 128, 100, 10)

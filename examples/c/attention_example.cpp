@@ -36,7 +36,8 @@ constexpr int64_t kBatch = 3, kTextLen = 37, kImageLen = 51, kHeads = 8, kHeadDi
   do {                                                                                            \
     vk_status status_ = (call);                                                                   \
     if (status_ != VK_SUCCESS) {                                                                  \
-      std::fprintf(stderr, "%s failed: %s\n", #call, vk_status_string(status_));                  \
+      std::fprintf(stderr, "%s failed: %s: %s\n", #call, vk_status_string(status_),               \
+                   vk_last_error_message());                                                      \
       std::exit(1);                                                                               \
     }                                                                                             \
   } while (0)

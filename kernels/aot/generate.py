@@ -110,13 +110,13 @@ def _c_argument(name: str, ty: str, expr: str) -> str:
     local = f"arg_{name}"
     if ty.startswith("*"):
         return (f"  CUdeviceptr {local} = {expr};\n"
-                f"  if ({local} % 16 != 0) return VK_ERROR_MISALIGNED;\n")
+                f"  if ({local} % 16 != 0) return vk_fail(VK_ERROR_MISALIGNED, \"{expr} is not 16-byte aligned\");\n")
     c_type = SCALAR_C_TYPES.get(ty)
     if c_type is None:
         raise ValueError(f"kernel argument {name} has type {ty!r}; the C launcher handles pointers and "
                          f"{sorted(SCALAR_C_TYPES)}")
     if ty == "i32":  # a 64-bit size or stride beyond int32 is refused rather than wrapped
-        return (f"  if (!vk_fits_int32({expr})) return VK_ERROR_INVALID_VALUE;\n"
+        return (f"  if (!vk_fits_int32({expr})) return vk_fail(VK_ERROR_INVALID_VALUE, \"{expr} is beyond int32\");\n"
                 f"  int32_t {local} = (int32_t)({expr});\n")
     return f"  {c_type} {local} = ({c_type})({expr});\n"
 
@@ -146,7 +146,8 @@ def c_function(launcher: CLauncher, variants: Sequence[CompiledVariant]) -> str:
         body.append(f"  if ({condition}) {{\n"
                     f"    const unsigned grid[3] = {{{grid}}};\n"
                     f"    return vk_launch(&{v.symbol}, grid, params, stream);\n  }}\n")
-    body.append("  return VK_ERROR_UNSUPPORTED;\n")
+    body.append("  return vk_fail(VK_ERROR_UNSUPPORTED, \"no kernel compiled for these arguments (dtype, head dim) on "
+                "this GPU's architecture\");\n")
     return f"vk_status {launcher.name}({launcher.params}) {{\n" + "".join(body) + "}\n"
 
 

@@ -34,30 +34,47 @@ def _block(length: str) -> str:
     return f"({length} <= 16 ? 16 : {length} <= 32 ? 32 : 64)"
 
 
+def _fail_if(condition: str, status: str, message: str) -> str:
+    """C statement: return `status` with `message` (vk_last_error_message) when `condition` holds."""
+    return f"  if ({condition})\n    return vk_fail({status}, \"{message}\");\n"
+
+
+def _invalid_if(condition: str, message: str) -> str:
+    return _fail_if(condition, "VK_ERROR_INVALID_VALUE", message)
+
+
 # Checks shared by both functions: positive sizes, a grid that fits, and the inputs every variant reads.
-_COMMON_CHECKS = """\
-  if (batch < 0 || batch > INT32_MAX || nheads < 1 || nheads > INT32_MAX || batch * nheads > INT32_MAX)
-    return VK_ERROR_INVALID_VALUE;
-  if (headdim < 1 || headdim > INT32_MAX) return VK_ERROR_INVALID_VALUE;
-  if (!(softmax_scale > 0.0f && softmax_scale <= FLT_MAX)) return VK_ERROR_INVALID_VALUE;
-  const int64_t elem_bytes = dtype == VK_FLOAT32 ? 4 : 2;
-"""
+_COMMON_CHECKS = (
+    _invalid_if("batch < 0 || batch > INT32_MAX", "batch must be in [0, 2^31 - 1]")
+    + _invalid_if("nheads < 1 || nheads > INT32_MAX || batch * nheads > INT32_MAX",
+                  "nheads must be >= 1, and batch * nheads at most 2^31 - 1")
+    + _invalid_if("headdim < 1 || headdim > INT32_MAX", "headdim must be >= 1")
+    + _invalid_if("!(softmax_scale > 0.0f && softmax_scale <= FLT_MAX)", "softmax_scale must be finite and > 0")
+    + "  const int64_t elem_bytes = dtype == VK_FLOAT32 ? 4 : 2;\n")
+
+
+def _non_null(pointers) -> str:
+    return "".join(_invalid_if(f"!{p}", f"{p} is NULL") for p in pointers)
 
 
 def _rows_aligned(tensors_and_lengths) -> str:
-    """C check that every input's rows start 16-byte aligned (the Python launcher copies a tensor whose rows do not;
+    """C checks that every input's rows start 16-byte aligned (the Python launcher copies a tensor whose rows do not;
     here it is the caller's to do)."""
-    tests = " ||\n      ".join(f"!vk_rows_aligned({t}, batch, {length}, nheads, elem_bytes)"
-                               for t, length in tensors_and_lengths)
-    return f"  if ({tests})\n    return VK_ERROR_MISALIGNED;\n"
+    return "".join(_fail_if(f"!vk_rows_aligned({t}, batch, {length}, nheads, elem_bytes)", "VK_ERROR_MISALIGNED",
+                            f"{t}: a stride of a dim longer than 1 is not a multiple of 16 bytes")
+                   for t, length in tensors_and_lengths)
 
 
-def _rows_addressable(inputs_and_lengths, output_lengths) -> str:
-    """C check that the kernels' 32-bit row offsets within one (sample, head) reach every row of each input and of
+def _rows_addressable(inputs_and_lengths, outputs_and_lengths) -> str:
+    """C checks that the kernels' 32-bit row offsets within one (sample, head) reach every row of each input and of
     each (contiguous) output (the Python launcher copies an input with too large a row stride; here it is refused)."""
-    tests = [f"!vk_rows_addressable({t}.stride_seq, {length}, headdim)" for t, length in inputs_and_lengths]
-    tests += [f"!vk_rows_addressable(nheads * headdim, {length}, headdim)" for length in output_lengths]
-    return "  if (" + " ||\n      ".join(tests) + ")\n    return VK_ERROR_INVALID_VALUE;\n"
+    beyond = "reaches 2^31: beyond the kernels' 32-bit row offsets"
+    return "".join(
+        [_invalid_if(f"!vk_rows_addressable({t}.stride_seq, {length}, headdim)",
+                     f"{t}: ({length} + 128) * stride_seq + headdim {beyond}") for t, length in inputs_and_lengths]
+        + [_invalid_if(f"!vk_rows_addressable(nheads * headdim, {length}, headdim)",
+                       f"{out}: ({length} + 128) * nheads * headdim + headdim {beyond}")
+           for out, length in outputs_and_lengths])
 
 
 ATTENTION_FORWARD = CLauncher(
@@ -76,11 +93,11 @@ ATTENTION_FORWARD = CLauncher(
           "L_A": "seqlen_q", "L_B": "seqlen_k", "H": "nheads",
           "softmax_scale": "softmax_scale", "dropout_p": "0.0f", "SEED": "0"},
     grid=("batch * nheads", "(seqlen_q + {BLOCK_M} - 1) / {BLOCK_M}", "1"),
-    checks=_COMMON_CHECKS + f"""\
-  if (seqlen_q < 1 || seqlen_k < 1) return VK_ERROR_INVALID_VALUE;
-  if (!q.data || !k.data || !v.data || !out || !lse || !q_lens || !kv_lens) return VK_ERROR_INVALID_VALUE;
-""" + _rows_aligned([("q", "seqlen_q"), ("k", "seqlen_k"), ("v", "seqlen_k")])
-           + _rows_addressable([("q", "seqlen_q"), ("k", "seqlen_k"), ("v", "seqlen_k")], ["seqlen_q"]) + f"""\
+    checks=_COMMON_CHECKS + _invalid_if("seqlen_q < 1 || seqlen_k < 1", "seqlen_q and seqlen_k must be >= 1")
+           + _non_null(["q.data", "k.data", "v.data", "out", "lse", "q_lens", "kv_lens"])
+           + _rows_aligned([("q", "seqlen_q"), ("k", "seqlen_k"), ("v", "seqlen_k")])
+           + _rows_addressable([("q", "seqlen_q"), ("k", "seqlen_k"), ("v", "seqlen_k")], [("out", "seqlen_q")])
+           + f"""\
   const int64_t block_m = {_block("seqlen_q")}, block_n = {_block("seqlen_k")};
 """,
 )
@@ -103,14 +120,14 @@ CO_ATTENTION_FORWARD = CLauncher(
           "L_A": "seqlen_text", "L_B": "seqlen_image", "H": "nheads",
           "softmax_scale": "softmax_scale", "dropout_p": "0.0f", "SEED": "0"},
     grid=("batch * nheads", "(max_len + {BLOCK_M} - 1) / {BLOCK_M}", "2"),
-    checks=_COMMON_CHECKS + f"""\
-  if (seqlen_text < 1 || seqlen_image < 1) return VK_ERROR_INVALID_VALUE;
-  if (!text_q.data || !text_k.data || !text_v.data || !image_q.data || !image_k.data || !image_v.data ||
-      !text_out || !image_out || !text_lse || !image_lse || !text_lens || !image_lens)
-    return VK_ERROR_INVALID_VALUE;
-""" + _rows_aligned([(f"{stream}_{t}", f"seqlen_{stream}") for stream in ("text", "image") for t in "qkv"])
+    checks=_COMMON_CHECKS
+           + _invalid_if("seqlen_text < 1 || seqlen_image < 1", "seqlen_text and seqlen_image must be >= 1")
+           + _non_null([f"{stream}_{t}.data" for stream in ("text", "image") for t in "qkv"]
+                       + [f"{stream}_{what}" for what in ("out", "lse", "lens") for stream in ("text", "image")])
+           + _rows_aligned([(f"{stream}_{t}", f"seqlen_{stream}") for stream in ("text", "image") for t in "qkv"])
            + _rows_addressable([(f"{stream}_{t}", f"seqlen_{stream}") for stream in ("text", "image") for t in "qkv"],
-                               ["seqlen_text", "seqlen_image"]) + f"""\
+                               [("text_out", "seqlen_text"), ("image_out", "seqlen_image")])
+           + f"""\
   /* Both directions share one grid and one tile size: that of the longer sequence. */
   const int64_t max_len = seqlen_text > seqlen_image ? seqlen_text : seqlen_image;
   const int64_t block_m = {_block("max_len")}, block_n = block_m;

@@ -34,7 +34,7 @@ extern "C" {
 typedef enum vk_status {
   VK_SUCCESS = 0,
   VK_ERROR_INVALID_VALUE = 1, /* a size, stride or pointer out of range (details in the function's comment) */
-  VK_ERROR_MISALIGNED = 2,    /* a device pointer or an input's row stride is not 16-byte aligned */
+  VK_ERROR_MISALIGNED = 2,    /* a device pointer or an input's stride is not 16-byte aligned */
   VK_ERROR_UNSUPPORTED = 3,   /* no kernel compiled for this architecture, dtype and head dim */
   VK_ERROR_NO_DRIVER = 4,     /* libcuda.so.1 could not be loaded */
   VK_ERROR_NO_CONTEXT = 5,    /* no CUDA context is current on the calling thread */
@@ -61,6 +61,10 @@ VK_API const char *vk_status_string(vk_status status);
 
 /* The CUresult of the last driver call that failed on this thread (VK_ERROR_CUDA). */
 VK_API CUresult vk_last_cuda_result(void);
+
+/* What was wrong in the last call on this thread that returned an error, naming the argument at fault, e.g.
+ * "k: (seqlen + 128) * stride_seq + headdim reaches 2^31 ..." (static storage; "" before any error). */
+VK_API const char *vk_last_error_message(void);
 
 /* Attention forward, as the Python `vilbert_kernels.attention` with dropout_p = 0:
  *   out[b, i, h] = sum_j softmax_j(softmax_scale * q[b, i, h] . k[b, j, h]) v[b, j, h]   over keys j < kv_lens[b],

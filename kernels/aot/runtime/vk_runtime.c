@@ -37,6 +37,7 @@ static struct {
 
 static pthread_once_t driver_once = PTHREAD_ONCE_INIT;
 static _Thread_local CUresult last_cuda_result = CUDA_SUCCESS;
+static _Thread_local const char *last_error_message = "";
 
 static void load_driver(void) {
   void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
@@ -54,9 +55,16 @@ static void load_driver(void) {
                   driver.launch_kernel;
 }
 
+vk_status vk_fail(vk_status status, const char *message) {
+  last_error_message = message;
+  return status;
+}
+
+const char *vk_last_error_message(void) { return last_error_message; }
+
 static vk_status cuda_failed(CUresult result) {
   last_cuda_result = result;
-  return VK_ERROR_CUDA;
+  return vk_fail(VK_ERROR_CUDA, "a CUDA driver call failed (vk_last_cuda_result() says which error)");
 }
 
 CUresult vk_last_cuda_result(void) { return last_cuda_result; }
@@ -64,9 +72,10 @@ CUresult vk_last_cuda_result(void) { return last_cuda_result; }
 /* The context current on this thread, or an error when there is none. */
 static vk_status current_context(CUcontext *ctx) {
   pthread_once(&driver_once, load_driver);
-  if (!driver.loaded) return VK_ERROR_NO_DRIVER;
+  if (!driver.loaded) return vk_fail(VK_ERROR_NO_DRIVER, "the CUDA driver (libcuda.so.1) could not be loaded");
   CUresult result = driver.ctx_get_current(ctx);
-  if (result == CUDA_ERROR_NOT_INITIALIZED || (result == CUDA_SUCCESS && *ctx == NULL)) return VK_ERROR_NO_CONTEXT;
+  if (result == CUDA_ERROR_NOT_INITIALIZED || (result == CUDA_SUCCESS && *ctx == NULL))
+    return vk_fail(VK_ERROR_NO_CONTEXT, "no CUDA context is current on the calling thread (cudaSetDevice makes one)");
   return result == CUDA_SUCCESS ? VK_SUCCESS : cuda_failed(result);
 }
 
@@ -144,7 +153,8 @@ static vk_status get_function(const vk_kernel_image *image, CUfunction *function
 
 vk_status vk_launch(const vk_kernel_image *image, const unsigned grid[3], void **params, CUstream stream) {
   if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0) return VK_SUCCESS;
-  if (grid[0] > INT32_MAX || grid[1] > 65535 || grid[2] > 65535) return VK_ERROR_INVALID_VALUE;  /* CUDA's limits */
+  if (grid[0] > INT32_MAX || grid[1] > 65535 || grid[2] > 65535)  /* CUDA's limits */
+    return vk_fail(VK_ERROR_INVALID_VALUE, "the launch grid exceeds CUDA's limits (too many query tiles)");
   CUfunction function;
   vk_status status = get_function(image, &function);
   if (status != VK_SUCCESS) return status;

@@ -25,6 +25,10 @@ typedef struct vk_kernel_image {
   unsigned shared_bytes;       /* dynamic shared memory per block */
 } vk_kernel_image;
 
+/* Records `message` (static storage) as what vk_last_error_message() says on this thread, and returns `status`: how
+ * a failing check names the argument at fault. */
+vk_status vk_fail(vk_status status, const char *message);
+
 static inline int vk_fits_int32(int64_t value) { return value >= INT32_MIN && value <= INT32_MAX; }
 
 /* Whether every (batch, seq, head) row of `t` starts 16 bytes after a 16-byte aligned one, as the kernels read them
