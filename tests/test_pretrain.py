@@ -394,6 +394,22 @@ def test_bad_arguments_fail_with_one_line(pretrain, capsys, tmp_path, monkeypatc
     assert "not divisible" in error_line(pretrain, capsys, "--deepspeed_config", good)
 
 
+@pytest.mark.parametrize("script", ["pretrain.py", "finetune.py"])
+def test_without_deepspeed_the_scripts_say_which_extra_to_install(script):
+    """`pip install -e .` leaves DeepSpeed out (the train extra brings it): one line, not a traceback."""
+    hide_deepspeed = ("import runpy, sys\n"
+                      "class NoDeepSpeed:\n"
+                      "    def find_spec(self, name, path, target=None):\n"
+                      "        if name.split('.')[0] == 'deepspeed':\n"
+                      "            raise ModuleNotFoundError(\"No module named 'deepspeed'\", name='deepspeed')\n"
+                      "sys.meta_path.insert(0, NoDeepSpeed())\n"
+                      f"runpy.run_path({os.path.join(ROOT, 'train', script)!r}, run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", hide_deepspeed], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"{script}: error: No module named 'deepspeed'; install the train extra: "
+                                     "pip install -e '.[train]'")
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_bad_data_path_through_the_launcher(tmp_path):

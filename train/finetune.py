@@ -54,10 +54,14 @@ import os
 import sys
 import time
 
-import deepspeed.comm as dist
 import torch
-from deepspeed.accelerator import get_accelerator
 from torch.utils.data import DataLoader
+
+try:
+    import deepspeed.comm as dist
+except ModuleNotFoundError as error:  # `pip install -e .` leaves DeepSpeed out: the train extra brings it
+    sys.exit(f"{os.path.basename(__file__)}: error: {error}; install the train extra: pip install -e '.[train]'")
+from deepspeed.accelerator import get_accelerator  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from loop import (UsageError, add_run_arguments, build_config, check_run_arguments, default_workers,  # noqa: E402
