@@ -224,7 +224,8 @@ def test_rows_beyond_32_bit_offsets_are_copied_or_refused(device, seed, monkeypa
     of a large batch) is copied, and a sample too large even when dense is refused. Shown with the limit lowered."""
     monkeypatch.setattr(attention_impl, "_MAX_ROW_OFFSET", 5000)
     B, L, H, D = 3, 9, 2, 16
-    seq_first = torch.randn(L, B, H, D, device=device).transpose(0, 1)  # row stride B*H*D = 96: (9 + 128 rows) * 96 > 5000
+    # row stride B*H*D = 96: (9 + 128 rows) * 96 > 5000
+    seq_first = torch.randn(L, B, H, D, device=device).transpose(0, 1)
     assert attention_impl._aligned(seq_first) is not seq_first
     dense = torch.randn(B, L, H, D, device=device)  # row stride 32: 137 * 32 < 5000
     assert attention_impl._aligned(dense) is dense

@@ -183,7 +183,8 @@ def build_datasets(args, data_dir, store, tokenizer):
             train = RetrievalTrainDataset(pairs(args.train_split), store, tokenizer, seed=args.seed,
                                           hard_negatives=pools, **common)
             if pool_file:
-                note = f"{len(train.hard_negatives)} of {len(train.image_ids)} train images have a pool from {pool_file}"
+                note = (f"{len(train.hard_negatives)} of {len(train.image_ids)} train images have a pool from "
+                        f"{pool_file}")
             else:
                 note = "no pool (--hard_negatives), the 4th choice takes a random image's caption"
             if dist.get_rank() == 0:

@@ -143,10 +143,11 @@ class CheckpointMixin:
     # ---- Hugging Face BERT -------------------------------------------------------------------------------------------
     def load_bert(self, bert_path) -> LoadReport:
         """Initialise the text stream (and the MLM head where the model has one) from a Hugging Face BERT checkpoint:
-        its directory (pytorch_model.bin or model.safetensors) or that file. Old names (LayerNorm gamma/beta) are renamed, a missing
-        `bert.` prefix is added. Returns what was loaded, what the model kept, and what BERT had extra (its pooler and
-        next-sentence head: ViLBERT's poolers have other sizes). A shape mismatch is an error, and so is a text
-        stream (embeddings, text layers) the checkpoint does not fill: another model type, or fewer layers."""
+        its directory (pytorch_model.bin or model.safetensors) or that file. Old names (LayerNorm gamma/beta) are
+        renamed, a missing `bert.` prefix is added. Returns what was loaded, what the model kept, and what BERT had
+        extra (its pooler and next-sentence head: ViLBERT's poolers have other sizes). A shape mismatch is an error,
+        and so is a text stream (embeddings, text layers) the checkpoint does not fill: another model type, or fewer
+        layers."""
         if not Path(bert_path).exists():
             raise FileNotFoundError(f"BERT checkpoint not found: {bert_path} (expected a directory or a weights "
                                     "file)")

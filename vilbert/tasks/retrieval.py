@@ -84,8 +84,9 @@ def load_hard_negatives(path: str) -> Dict[object, List]:
         return {image_key(images[row]): [image_key(images[int(j)]) for j in pool[row][1:]]
                 for row in range(len(images))}
     except (pickle.UnpicklingError, EOFError, TypeError, KeyError, IndexError, ValueError) as error:
-        raise ValueError(f"{path}: expected vilbert-multi-task's hard_negative.pkl (or a .json file), a dict with train_image_list "
-                         f"and train_hard_pool (one row of indices into the list per image) ({error!r})") from None
+        raise ValueError(f"{path}: expected vilbert-multi-task's hard_negative.pkl (or a .json file), a dict with "
+                         f"train_image_list and train_hard_pool (one row of indices into the list per image) "
+                         f"({error!r})") from None
 
 
 class RetrievalTrainDataset(torch.utils.data.Dataset):
