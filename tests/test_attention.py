@@ -352,6 +352,11 @@ def test_dropout_keep_rate_and_scaling(device, tiles, seed):
     for shift in (1, 2, 3, 4):
         agree = (keep[..., shift:] == keep[..., :-shift]).double().mean().item()
         assert abs(agree - (p * p + (1 - p) ** 2)) < 0.03, (shift, agree)
+    # Every element has a Philox output of its own, also where rows meet: with 37 keys (not a multiple of 4) the last
+    # key of row i and the first of row i + 1 agree as independent draws do.
+    rows_keep = dropout_keep_mask(device, B, Lq, 37, H, p, seed)
+    agree = (rows_keep[:, :, :-1, -1] == rows_keep[:, :, 1:, 0]).double().mean().item()
+    assert abs(agree - (p * p + (1 - p) ** 2)) < 0.1, agree
     # The two directions of co-attention draw independent masks.
     text_keep, image_keep = dropout_keep_mask(device, B, 20, 24, H, p, seed, co=True)
     agree = (text_keep[:, :, :20, :20] == image_keep[:, :, :20, :20]).double().mean().item()
@@ -400,9 +405,19 @@ def test_dropout_is_unbiased(device, tiles, seed):
     assert z < 5.0, f"dropout output is biased: mean projection ratio {ratios.mean():.4f}, {z:.1f} standard errors"
 
 
-def test_dropout_backward_matches_reference_with_the_same_mask(device, tiles, seed):
-    B, Lq, Lk, H, D, p = 2, 13, 20, 2, 64, 0.25
-    q_lens, kv_lens = lens_tensor([13, 6], device), lens_tensor([20, 9], device)
+# (B, Lq, Lk, H, D, q_lens, kv_lens): keys in one block (the dK/dV launch writes dQ too), and more keys than any
+# tiles' dK/dV block holds (130 > 128), where the dQ kernel regenerates the mask on its own.
+DROPOUT_BACKWARD_SHAPES = [
+    (2, 13, 20, 2, 64, [13, 6], [20, 9]),
+    (2, 9, 130, 1, 32, [9, 4], [130, 97]),
+]
+
+
+@pytest.mark.parametrize("shape", DROPOUT_BACKWARD_SHAPES, ids=["one-launch", "separate-dq"])
+def test_dropout_backward_matches_reference_with_the_same_mask(device, tiles, seed, shape):
+    B, Lq, Lk, H, D, q_lens, kv_lens = shape
+    p = 0.25
+    q_lens, kv_lens = lens_tensor(q_lens, device), lens_tensor(kv_lens, device)
     keep = dropout_keep_mask(device, B, Lq, Lk, H, p, seed)
     q, k, v, grad_out = (torch.randn(B, L, H, D, device=device) for L in (Lq, Lk, Lk, Lq))
 

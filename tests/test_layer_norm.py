@@ -173,6 +173,17 @@ def test_dropout_keep_rate(dropout_p, seed, device):
         assert abs(agree - independent) < 0.03, (shift, agree, independent)
 
 
+@pytest.mark.parametrize("C", [5, 37])
+def test_dropout_rows_draw_their_own_numbers(C, seed, device):
+    """Each element has a Philox output of its own, also where rows meet when C is not a multiple of 4 (each row's
+    counters start at a multiple of ceil(C / 4)): a row's last column and the next row's first agree as independent
+    draws do."""
+    rows, dropout_p = 2048, 0.5
+    keep = _dropout_keep_mask(rows, C, dropout_p, draw_seed(dropout_p), device)
+    agree = (keep[:-1, -1] == keep[1:, 0]).float().mean().item()
+    assert abs(agree - 0.5) < 0.06, agree  # 5 standard deviations of 2047 fair coins' agreement rate
+
+
 def test_finite_difference_with_fixed_seed(seed, device):
     """Directional derivative of sum(g * y) along a random direction, with the dropout mask held fixed by the seed."""
     rows, C, dropout_p = 3, 33, 0.3
