@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from vilbert import (SingleStreamForPretraining, ViLBERTConfig, ViLBERTForPretraining, ViLBERTForReferring,
                      ViLBERTForRetrieval, ViLBERTForVQA, ViLBERTModel, ops)
+from vilbert import model as vilbert_model
 from vilbert.model import region_kl_loss
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -314,6 +315,31 @@ def test_outputs_without_labels():
     assert base.pooled_text.shape == (2, config.bi_hidden_size)
 
 
+@pytest.mark.parametrize("model_class", [ViLBERTForPretraining, ViLBERTForVQA, SingleStreamForPretraining])
+def test_initialisation_is_the_official_one(model_class):
+    """N(0, initializer_range) for every Linear and Embedding weight, zero biases, LayerNorm weight 1 and bias 0."""
+    torch.manual_seed(5)
+    std = 0.05  # not the default 0.02: the model must read it from the config
+    model = model_class(tiny(initializer_range=std))
+    weights, biases, norms = [], [], 0
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            weights.append(module.weight.detach().flatten())
+            if getattr(module, "bias", None) is not None:
+                biases.append(module.bias.detach())
+        if isinstance(module, (vilbert_model.LayerNorm, torch.nn.LayerNorm)):
+            norms += 1
+            assert torch.equal(module.weight, torch.ones_like(module.weight))
+            assert torch.equal(module.bias, torch.zeros_like(module.bias))
+    weights = torch.cat(weights).double()
+    assert norms > 0 and len(weights) > 100_000
+    # ~150k draws: the sample std and mean sit within 0.3% of std of their expectations (1 sigma)
+    assert abs(weights.std().item() - std) < 0.02 * std and abs(weights.mean().item()) < 0.02 * std
+    assert all(torch.equal(b, torch.zeros_like(b)) for b in biases)
+    if hasattr(model, "cls"):
+        assert torch.equal(model.cls.predictions.bias, torch.zeros_like(model.cls.predictions.bias))
+
+
 def test_backend_switch_and_constructor_argument():
     config = tiny()
     model = ViLBERTForPretraining(config, backend="sdpa")
@@ -331,8 +357,12 @@ def test_task_heads_forward_backward():
     inputs = {k: batch[k] for k in ("input_ids", "token_type_ids", "text_lens", "image_features", "image_locations",
                                     "image_lens")}
     vqa = ViLBERTForVQA(config)
-    out = vqa(**inputs, answer_scores=torch.rand(4, config.num_answers))
-    assert out.logits.shape == (4, config.num_answers) and torch.isfinite(out.loss)
+    answer_scores = torch.rand(4, config.num_answers)
+    out = vqa(**inputs, answer_scores=answer_scores)
+    assert out.logits.shape == (4, config.num_answers)
+    # The official scaling: BCE's mean over every (pair, answer) times the number of answers.
+    official = F.binary_cross_entropy_with_logits(out.logits.double(), answer_scores.double()) * config.num_answers
+    torch.testing.assert_close(out.loss.double(), official)
     out.loss.backward()
 
     retrieval = ViLBERTForRetrieval(config)
@@ -356,6 +386,11 @@ def test_task_heads_forward_backward():
     official = F.binary_cross_entropy_with_logits(out.logits.double(), region_scores.double()) * 3
     torch.testing.assert_close(out.loss.double(), official)
     out.loss.backward()
+    # Targets at padded regions are not the data's: they change nothing.
+    with torch.no_grad():
+        clean, junk = (referring.eval()(**inputs, region_scores=scores).loss
+                       for scores in (region_scores, torch.where(real, region_scores, torch.ones_like(region_scores))))
+    assert torch.equal(junk, clean)
     with pytest.raises(ValueError, match="region_scores"):
         referring(**inputs, region_scores=region_scores.tolist())
 
@@ -432,3 +467,20 @@ def test_co_attention_drops_each_direction_at_its_official_rate(monkeypatch):
         calls.clear()
         layer(torch.randn(2, V, config.v_hidden_size), None, torch.randn(2, T, config.hidden_size), None)
         assert calls == expected
+
+
+@pytest.mark.parametrize("model_class, head, classifier", [
+    (ViLBERTForPretraining, "alignment_logits", lambda model: model.cls.bi_seq_relationship),
+    (ViLBERTForRetrieval, "pair_scores", lambda model: lambda x: model.vil_logit(x).squeeze(-1)),
+], ids=["alignment", "retrieval"])
+def test_heads_drop_the_joint_vector_in_training_only(model_class, head, classifier):
+    """As the official heads: dropout (hidden_dropout_prob) on pooled_text * pooled_image before the classifier."""
+    config = tiny(hidden_dropout_prob=0.5)
+    model = model_class(config)
+    out = types.SimpleNamespace(pooled_text=torch.randn(64, config.bi_hidden_size),
+                                pooled_image=torch.randn(64, config.bi_hidden_size))
+    head = getattr(model, head)
+    torch.manual_seed(0)
+    assert not torch.equal(head(out), head(out)), "training: two calls should draw two dropout masks"
+    model.eval()
+    torch.testing.assert_close(head(out), classifier(model)(out.pooled_text * out.pooled_image), rtol=0, atol=0)
