@@ -85,15 +85,44 @@ class WrongAttention(kernels.Reference):
         return kernels.Provider.co_attention(self, t, metas, dropout_p)
 
 
+class WrongGradient(kernels.Reference):
+    """The reference's output with twice its gradient: right forward, wrong backward."""
+    name = "wrong_grad"
+
+    def attention(self, q, k, v, q_lens, kv_lens, dropout_p):
+        out = super().attention(q, k, v, q_lens, kv_lens, dropout_p)
+        return 2 * out - out.detach()
+
+    def co_attention(self, t, metas, dropout_p):
+        return kernels.Provider.co_attention(self, t, metas, dropout_p)
+
+
+class IgnoresDropout(kernels.Reference):
+    """Right at dropout 0, and the same output at any dropout_p."""
+    name = "no_dropout"
+
+    def attention(self, q, k, v, q_lens, kv_lens, dropout_p):
+        return super().attention(q, k, v, q_lens, kv_lens, 0.0)
+
+    def co_attention(self, t, metas, dropout_p):
+        return super().co_attention(t, metas, 0.0)
+
+
 @cpu_only
 def test_wrong_provider_is_reported_wrong_and_not_timed(tmp_path):
     results = common.Results("kernels", tmp_path, {"device": "cpu"}, {})
-    options = common.Options(quick=True, providers=["wrong"], extra_providers=[WrongAttention()])
+    options = common.Options(quick=True, providers=["wrong", "wrong_grad", "no_dropout"],
+                             extra_providers=[WrongAttention(), WrongGradient(), IgnoresDropout()])
     kernels.run(results, options, common.Budget(None), {})
-    wrong = [r for r in results.rows if r["provider"] == "wrong"]
-    assert wrong and all(r["correct"] is False and r["ms_p50"] is None and "not timed" in r["skipped"]
-                         for r in wrong)
-    assert all("rel err" in r["check"] for r in wrong)
+    rows = {name: [r for r in results.rows if r["provider"] == name] for name in ("wrong", "wrong_grad")}
+    rows["no_dropout"] = [r for r in results.rows if r["provider"] == "no_dropout" and r["dropout_p"] > 0]
+    for name, wrong in rows.items():
+        assert wrong and all(r["correct"] is False and r["ms_p50"] is None and "not timed" in r["skipped"]
+                             for r in wrong), name
+    assert all("rel err" in r["check"] for r in rows["wrong"] + rows["wrong_grad"])
+    assert all("equals the no-dropout output" in r["check"] for r in rows["no_dropout"])
+    assert all(r["correct"] is True and r["ms_p50"] > 0
+               for r in results.rows if r["provider"] == "no_dropout" and r["dropout_p"] == 0)
     reference = [r for r in results.rows if r["provider"] == "reference"]
     assert reference and all(r["correct"] is True and r["ms_p50"] > 0 for r in reference)
 
@@ -355,6 +384,16 @@ def test_targets_verdicts():
         == "SHORT"
     table = targets.markdown(list(results.values()), [])
     assert "4 met, 5 short" in table
+    # The goals are the issue's, and reaching one exactly meets it.
+    goals = {target: r["goal"] for (shape, target), r in results.items() if shape == pre}
+    assert goals == {"fwd+bwd p=0.1 vs reference": ">= 3", "fwd+bwd p=0.1 vs sdpa": ">= 1.5",
+                     "fwd+bwd p=0.1 vs flash_attn": ">= 1.2", "fwd p=0.1 share of the bandwidth floor": ">= 75",
+                     "bwd p=0.1 share of the bandwidth floor": ">= 65"}
+    assert results[square, "fwd p=0 vs sdpa_flash"]["goal"] == ">= 0.8"
+    assert [results[step, t]["goal"] for t in ("samples/s vs reference", "samples/s vs reference_compiled",
+                                                "peak memory vs reference")] == [">= 1.5", ">= 1.2", "<= 1"]
+    assert targets._result("t", "s", 1.5, 1.5, "x")["verdict"] == "met"
+    assert targets._result("t", "s", 1.0, 1.0, "x", at_most=True)["verdict"] == "met"
     # A run killed before it wrote its speedup columns still has its times: the ratio comes from them.
     for r in rows:
         for key in [k for k in r if k.startswith("speedup_vs_")]:
