@@ -142,6 +142,9 @@ def test_official_load_from_path_and_directory(tmp_path):
         assert torch.equal(model.bert.v_pooler.dense.weight, official["bert.v_pooler.dense.weight"])
     with pytest.raises(FileNotFoundError, match="nothing_here"):
         model.load_official_state_dict(tmp_path / "nothing_here.bin")
+    torch.save(official, tmp_path / "pytorch_model_19.bin")  # two epochs' checkpoints: which one is meant?
+    with pytest.raises(ValueError, match=r"several checkpoints .*pytorch_model_19.bin.*pass the file's path"):
+        model.load_official_state_dict(tmp_path)
 
 
 def test_official_load_errors_name_the_key():

@@ -250,6 +250,8 @@ def test_bad_values_and_shapes_are_named(tmp_path, records):
     with pytest.raises(BadRecordError, match="image_w must be a positive number"):
         with StoreWriter(tmp_path / "out3") as writer:
             writer.add({**records[0], "image_w": 0})
+    with pytest.raises(BadRecordError, match=r"cls_prob must have shape \(\d+, num_classes\)"):
+        validate_record({**records[0], "cls_prob": records[0]["cls_prob"][1:]}, "here")  # a row per region
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])

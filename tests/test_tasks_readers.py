@@ -1,4 +1,5 @@
 """Downstream data readers on small files in the real layouts (vilbert/tasks/{common,vqa,retrieval,referring}.py)."""
+import dataclasses
 import json
 
 import numpy as np
@@ -71,6 +72,9 @@ def test_vqa_reader_vocab_and_targets(tmp_path, store, tokenizer):
     # Consensus answers dog, yes, 2 ("two" normalized) once each: ties broken alphabetically; "cat" is no consensus.
     vocab = AnswerVocab.build(examples, size=2)
     assert vocab.answers == ["2", "dog"]
+    # The most frequent consensus answers come first: "yes" twice beats the others' once.
+    again = examples + [dataclasses.replace(examples[1], question_id=13)]
+    assert AnswerVocab.build(again, size=2).answers == ["yes", "2"]
     vocab.save(tmp_path / "answers.json")
     assert AnswerVocab.load(tmp_path / "answers.json").answers == ["2", "dog"]
 
