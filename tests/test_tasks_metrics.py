@@ -1,10 +1,11 @@
-"""Downstream metrics against hand-computed cases (vilbert/tasks/metrics.py)."""
+"""Downstream metrics against hand-computed cases (vilbert/tasks/metrics.py; task_hits of vilbert/tasks/models.py)."""
 import pytest
 import torch
 
 from vilbert.tasks.metrics import (box_iou, normalize_answer, referring_accuracy, referring_targets,
                                    retrieval_recall, vqa_accuracy, vqa_answer_score, vqa_score_from_logits,
                                    vqa_soft_scores)
+from vilbert.tasks.models import task_hits
 
 
 # ---------------------------------------------------------------------------------------------------------- VQA
@@ -141,3 +142,23 @@ def test_referring_accuracy_and_targets():
     assert target.tolist() == [1.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="pred_boxes"):
         referring_accuracy(pred[:2], gt)
+
+
+# ------------------------------------------------------------------------------------- per-batch training metrics
+
+def test_task_hits_per_task():
+    """The metric finetune.py logs per training batch: the VQA score of the argmax answer, the referring hit of the
+    best real region (neither the IMG token nor padding), whether the positive (choice 0) of a retrieval group won."""
+    vqa = task_hits("vqa", torch.tensor([[0.1, 2.0, 0.3], [5.0, 0.0, 0.0]]),
+                    {"answer_scores": torch.tensor([[0.0, 0.6, 1.0], [0.3, 1.0, 0.0]])})
+    assert vqa.tolist() == pytest.approx([0.6, 0.3])
+    # Sample 0: region 2 scores highest among the real ones (IoU 0.6); sample 1: the IMG token and the padded region
+    # score highest, the best real region is 1 (IoU 0.2).
+    referring = task_hits("referring", torch.tensor([[0.0, 1.0, 3.0, 9.0], [9.0, 2.0, 1.0, 8.0]]),
+                          {"image_lens": torch.tensor([3, 3]),
+                           "region_iou": torch.tensor([[1.0, 0.1, 0.6, 0.9], [1.0, 0.2, 0.7, 0.9]])})
+    assert referring.tolist() == [1.0, 0.0]
+    retrieval = task_hits("retrieval", torch.tensor([3.0, 1.0, 2.0, 0.0, 1.0, 0.5, 4.0, 2.0]), {})
+    assert retrieval.tolist() == [1.0, 0.0]  # two groups of NUM_CHOICES: the positive wins the first only
+    with pytest.raises(ValueError, match="task"):
+        task_hits("captioning", torch.zeros(2, 2), {})
