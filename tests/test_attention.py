@@ -7,13 +7,15 @@ row the kernel forgets to write shows up. Seeds come from the `seed` fixture (fr
 import contextlib
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 import vilbert_kernels
 from vilbert_kernels import attention, co_attention, reference
+from vilbert_kernels.launch import draw_seed
 
-from numerics import poisoned_empty
+from numerics import philox_keep_reference, poisoned_empty
 
 # The module (the package attribute `attention` is the function).
 attention_impl = sys.modules["vilbert_kernels.attention"]
@@ -368,6 +370,24 @@ def test_dropout_keep_rate_and_scaling(device, tiles, seed):
     out = attention(q, k, v, dropout_p=p)
     expected = masked_reference(q.double(), k.double(), v.double(), None, None, keep, p)
     assert_rel_close(out, expected, 1e-5, "dropped out")
+
+
+def test_dropout_mask_is_the_documented_philox_draw(device, tiles, seed):
+    """Element (i, j) of stream (direction * B + b) * H + h keeps iff output j % 4 of Philox at counter
+    (i * ceil(Lk / 4) + j // 4, stream), key = the seed drawn from torch's generator, is >= p (see _keep_mask):
+    recomputed with numpy for both directions of co-attention."""
+    B, H, T, V, p = 2, 3, 5, 37, 0.3
+    text_keep, image_keep = dropout_keep_mask(device, B, T, V, H, p, seed, co=True)
+    torch.manual_seed(seed)
+    philox_seed = int(draw_seed(p))  # the draw co_attention makes
+    for direction, (keep, Lq, Lk) in enumerate(((text_keep, T, V), (image_keep, V, T))):
+        groups = (Lk + 3) // 4
+        counter = np.arange(Lq)[:, None] * groups + np.arange(groups)[None, :]  # (Lq, groups)
+        stream = (direction * B + np.arange(B)[:, None]) * H + np.arange(H)[None, :]  # (B, H)
+        c0, c1 = np.broadcast_arrays(counter[None, None], stream[:, :, None, None])
+        expected = philox_keep_reference(philox_seed, c0.astype(np.uint32), c1.astype(np.uint32), p)
+        expected = expected.reshape(B, H, Lq, groups * 4)[..., :Lk]
+        assert np.array_equal(keep.cpu().numpy(), expected), f"direction {direction}"
 
 
 @pytest.mark.slow  # a million probabilities in the interpreter (40 s): fewer keep too few at this rate

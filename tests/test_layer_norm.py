@@ -5,6 +5,7 @@ Tolerances are relative to PyTorch's own error doing the same maths in the same 
 small floor.
 """
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,7 @@ from vilbert_kernels import bias_gelu, layer_norm, reference
 from vilbert_kernels.launch import as_rows, draw_seed
 from vilbert_kernels.layer_norm import _dropout_keep_mask, layer_norm_bwd, layer_norm_fwd
 
-from numerics import assert_close
+from numerics import assert_close, philox_keep_reference
 
 GRAD_NAMES = ("dx", "dweight", "dbias", "dresidual")
 
@@ -182,6 +183,19 @@ def test_dropout_rows_draw_their_own_numbers(C, seed, device):
     keep = _dropout_keep_mask(rows, C, dropout_p, draw_seed(dropout_p), device)
     agree = (keep[:-1, -1] == keep[1:, 0]).float().mean().item()
     assert abs(agree - 0.5) < 0.06, agree  # 5 standard deviations of 2047 fair coins' agreement rate
+
+
+def test_dropout_mask_is_the_documented_philox_draw(device):
+    """Element (row, col) keeps iff output col % 4 of Philox at the 64-bit counter row * ceil(C / 4) + col // 4 (low
+    and high 32 bits as the counter's first two words) is >= p: recomputed with numpy."""
+    rows, C, dropout_p = 7, 37, 0.3
+    seed = draw_seed(dropout_p)
+    keep = _dropout_keep_mask(rows, C, dropout_p, seed, device)
+    groups = (C + 3) // 4
+    counter = np.arange(rows, dtype=np.int64)[:, None] * groups + np.arange(groups)[None, :]
+    expected = philox_keep_reference(int(seed), (counter & 0xFFFFFFFF).astype(np.uint32),
+                                     (counter >> 32).astype(np.uint32), dropout_p)
+    assert np.array_equal(keep.cpu().numpy(), expected.reshape(rows, groups * 4)[:, :C])
 
 
 def test_finite_difference_with_fixed_seed(seed, device):
