@@ -503,6 +503,8 @@ def _inputs(**overrides):
     (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
     (dict(dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\)"),
     (dict(dropout_p="0.1"), TypeError, "dropout_p must be a float"),
+    (dict(q=torch.randn(2, 0, 2, 16)), ValueError, "q has seqlen 0"),
+    (dict(softmax_scale="0.1"), TypeError, "softmax_scale must be a float or None"),
     (dict(softmax_scale=0.0), ValueError, "softmax_scale must be a positive float32 number"),
     (dict(softmax_scale=float("nan")), ValueError, "softmax_scale must be a positive float32 number"),
     (dict(softmax_scale=1e39), ValueError, "softmax_scale must be a positive float32 number"),
