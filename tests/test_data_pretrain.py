@@ -288,6 +288,10 @@ def test_max_regions_and_max_text_len(tmp_path, tokenizer):
     # One real region: the IMG token equals it (or zeros, when masked and zeroed).
     s = dataset[1]
     np.testing.assert_allclose(s["image_features"][0], s["image_features"][1], atol=1e-6)
+    with pytest.raises(ValueError, match=r"max_text_len must be >= 3 \(\[CLS\], a word piece, \[SEP\]\), got 2"):
+        PretrainDataset(store, tokenizer, max_text_len=2)
+    with pytest.raises(ValueError, match="max_regions must be >= 1, got 0"):
+        PretrainDataset(store, tokenizer, max_regions=0)
 
 
 def test_collator_pads_at_the_end(synthetic_store, tokenizer):

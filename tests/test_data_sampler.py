@@ -73,6 +73,10 @@ def test_epochs_differ_and_set_epoch_keeps_a_resumed_position():
 def test_bad_arguments_and_mismatched_states():
     with pytest.raises(ValueError, match="rank"):
         ResumableSampler(10, 0, rank=2, world_size=2, micro_batch_size=1)
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+        ResumableSampler(0, 0, rank=0, world_size=1, micro_batch_size=1)
+    with pytest.raises(ValueError, match="micro_batch_size must be >= 1"):
+        ResumableSampler(10, 0, rank=0, world_size=1, micro_batch_size=0)
     with pytest.raises(ValueError, match="exceeds num_samples"):
         ResumableSampler(10, 0, rank=0, world_size=4, micro_batch_size=3)
     with pytest.raises(ValueError, match="multiple of the global batch size 4"):

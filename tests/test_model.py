@@ -347,6 +347,8 @@ def test_backend_switch_and_constructor_argument():
     assert model.bert.config is model.config  # one config object: switching it switches every module
     with pytest.raises(ValueError, match="backend"):
         ViLBERTForPretraining(config, backend="cuda")
+    with pytest.raises(TypeError, match="config must be a ViLBERTConfig, got str"):
+        ViLBERTModel("tiny")
 
 
 # ---- task heads and the single-stream baseline ----------------------------------------------------------------------

@@ -40,12 +40,18 @@ def test_vqa_soft_scores_and_accuracy():
     assert vqa_accuracy(["Yes", "two", "cat"], [humans_1, humans_2, humans_1]) == pytest.approx((0.9 + 0.3) / 3)
     with pytest.raises(ValueError, match="differ in length"):
         vqa_accuracy(["yes"], [])
+    with pytest.raises(ValueError, match="at least one question"):
+        vqa_accuracy([], [])
+    with pytest.raises(TypeError, match="answer must be a str"):
+        normalize_answer(2)
 
 
 def test_vqa_score_from_logits():
     targets = torch.tensor([[0.0, 0.3, 1.0], [0.9, 0.0, 0.0]])
     logits = torch.tensor([[0.1, 2.0, -1.0], [5.0, 1.0, 0.0]])  # argmax 1 (score 0.3), argmax 0 (score 0.9)
     assert vqa_score_from_logits(logits, targets).tolist() == pytest.approx([0.3, 0.9])
+    with pytest.raises(ValueError, match=r"logits \(2, 2\) and answer_scores \(2, 3\)"):
+        vqa_score_from_logits(logits[:, :2], targets)
 
 
 # ---------------------------------------------------------------------------------------------------- retrieval

@@ -8,7 +8,7 @@ import torch
 
 from vilbert.data import load_tokenizer
 from vilbert.data.stores import StoreWriter, open_store
-from vilbert.tasks.common import TaskCollator, encode_regions
+from vilbert.tasks.common import TaskCollator, encode_regions, encode_text
 from vilbert.tasks.referring import ReferringDataset, load_refs, referring_hits
 from vilbert.tasks.retrieval import (NUM_CHOICES, RetrievalTrainDataset, load_captions, retrieval_eval_set,
                                      score_all_pairs)
@@ -113,6 +113,24 @@ def test_vqa_reader_errors(tmp_path, store, tokenizer):
     examples[0].image_id = 99
     with pytest.raises(ValueError, match="not in the feature store"):
         VQADataset(examples, store, tokenizer, AnswerVocab(["yes"]))
+    few = tmp_path / "few_annotations.json"
+    few.write_text(json.dumps({"annotations": json.loads(open(a).read())["annotations"][:2]}))
+    with pytest.raises(ValueError, match="no annotation for question_id 12"):
+        load_vqa(q, str(few))
+    with pytest.raises(ValueError, match="expected a JSON list of answers"):
+        AnswerVocab.load(str(few))
+
+
+def test_encoding_and_collating_errors(store, tokenizer):
+    with pytest.raises(ValueError, match="max_text_len must be >= 2"):
+        encode_text(tokenizer, "a dog", 1)
+    with pytest.raises(ValueError, match="max_regions must be >= 1"):
+        encode_regions(store[0], max_regions=0)
+    with pytest.raises(ValueError, match="image '7' has no regions"):
+        encode_regions({**store[0], "image_id": "7", "features": np.zeros((0, 2048), np.float32),
+                        "boxes": np.zeros((0, 4), np.float32)}, max_regions=10)
+    with pytest.raises(ValueError, match="empty batch"):
+        TaskCollator()([])
 
 
 def test_retrieval_caption_readers(tmp_path):
@@ -141,6 +159,9 @@ def test_retrieval_caption_readers(tmp_path):
     obj.write_text(json.dumps(["a dog"]))
     with pytest.raises(ValueError, match="JSON object"):
         load_captions(str(obj))
+    mt.write_text("\n")
+    with pytest.raises(ValueError, match="no captions found"):
+        load_captions(str(mt))
     karpathy = {"images": [{"filename": "1000092795.jpg", "split": "test", "sentences": [{"raw": "a cow"}]}],
                 "dataset": "flickr30k"}
     obj.write_text(json.dumps(karpathy))
@@ -166,6 +187,10 @@ def test_retrieval_multiple_choice(store, tokenizer):
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(choices, again))
     batch = TaskCollator()([dataset[0], dataset[1]])
     assert batch["input_ids"].shape[0] == 2 * NUM_CHOICES
+    with pytest.raises(ValueError, match=r"1 caption image_ids are not in the feature store, e.g. \[9\]"):
+        RetrievalTrainDataset(pairs + [(9, "a cow")], store, tokenizer)
+    with pytest.raises(ValueError, match="captions of at least 2 images"):
+        RetrievalTrainDataset([(1, "a dog"), (1, "one dog")], store, tokenizer)
 
 
 def test_hard_negative_pools_from_the_official_pickle_and_json(tmp_path):
@@ -182,6 +207,9 @@ def test_hard_negative_pools_from_the_official_pickle_and_json(tmp_path):
         pickle.dump([1, 2], f)
     with pytest.raises(ValueError, match="train_image_list and train_hard_pool"):
         load_hard_negatives(str(tmp_path / "bad.pkl"))
+    (tmp_path / "pools.json").write_text(json.dumps({"11": 12}))
+    with pytest.raises(ValueError, match=r"expected a JSON object \{image_id: \[image_ids\]\}"):
+        load_hard_negatives(str(tmp_path / "pools.json"))
     (tmp_path / "pools.jsonl").write_text('{"11": [12]}\n')  # not a pickle either
     with pytest.raises(ValueError, match="hard_negative.pkl"):
         load_hard_negatives(str(tmp_path / "pools.jsonl"))
@@ -259,7 +287,14 @@ def test_referring_reader_and_targets(tmp_path, store, tokenizer):
     assert referring_hits(logits, batch).tolist() == [1.0, 0.0]
 
 
-def test_referring_reader_errors(tmp_path):
+def test_referring_reader_errors(tmp_path, store, tokenizer):
+    listless = tmp_path / "refs.json"
+    listless.write_text(json.dumps({"refs": []}))
+    with pytest.raises(ValueError, match="expected a JSON list of ref records"):
+        load_refs(str(listless))
+    listless.write_text(json.dumps([{"ref_id": 1, "image_id": 9, "sentences": ["x"], "bbox": [0, 0, 5, 5]}]))
+    with pytest.raises(ValueError, match=r"1 ref image_ids are not in the feature store, e.g. \[9\]"):
+        ReferringDataset(load_refs(str(listless)), store, tokenizer)
     path = tmp_path / "refs.jsonl"
     path.write_text('{"ref_id": 1, "image_id": 1, "sentences": ["x"]}\n')
     with pytest.raises(ValueError, match="bbox"):
