@@ -377,6 +377,14 @@ def test_bad_arguments_fail_with_one_line(pretrain, capsys, tmp_path, monkeypatc
     good = ds_config(tmp_path)
     assert "--data" in error_line(pretrain, capsys, "--deepspeed_config", good, "--data", str(tmp_path / "nope"))
     assert "preset" in error_line(pretrain, capsys, "--deepspeed_config", good, "--model", "vilbert-huge")
+    assert "config file does not exist" in error_line(pretrain, capsys, "--deepspeed_config", good, "--model",
+                                                      str(tmp_path / "nope.json"))
+    small_vocab = write_json(tmp_path / "small_vocab.json", {**ViLBERTConfig.preset("tiny").to_dict(), "vocab_size": 10})
+    assert "vocab_size 10 < the tokenizer's" in error_line(pretrain, capsys, "--deepspeed_config", good, "--model",
+                                                           small_vocab)
+    assert "--init_bert" in error_line(pretrain, capsys, "--deepspeed_config", good, "--init_bert", good)
+    assert "--vocab_file" in error_line(pretrain, capsys, "--deepspeed_config", good, "--vocab_file",
+                                        str(tmp_path / "vocab.txt"))
     assert "deepspeed_config" in error_line(pretrain, capsys, "--deepspeed_config", str(tmp_path / "nope.json"))
     assert "deepspeed_config is required" in error_line(pretrain, capsys)
     assert "--max_steps" in error_line(pretrain, capsys, "--deepspeed_config", good, "--max_steps", "0")
@@ -392,6 +400,39 @@ def test_bad_arguments_fail_with_one_line(pretrain, capsys, tmp_path, monkeypatc
     assert '"optimizer" block' in error_line(pretrain, capsys, "--deepspeed_config", no_optimizer)
     monkeypatch.setenv("WORLD_SIZE", "3")  # 8 is not a multiple of micro 4 x 3 ranks
     assert "not divisible" in error_line(pretrain, capsys, "--deepspeed_config", good)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--log_interval", "0"], "--log_interval must be >= 1, got 0"),
+    (["--save_interval", "0"], "--save_interval must be >= 1, got 0"),
+    (["--keep_last", "0"], "--keep_last must be >= 1, got 0"),
+    (["--num_workers", "-1"], "--num_workers must be >= 0, got -1"),
+    (["--seed", str(2**32 - 1)], r"--seed must be in \[0, 2\*\*32 - 1\)"),
+])
+def test_run_arguments_are_checked(pretrain, argv, message):
+    with pytest.raises(loop.UsageError, match=message):
+        pretrain.parse_args(["--deepspeed_config", "train/ds_cpu.json", *argv])
+
+
+@pytest.mark.parametrize("change, world_size, on_gpu, message", [
+    (dict(train_batch_size=0), 1, False, "train_batch_size must be a positive integer, got 0"),
+    (dict(train_batch_size=8.0), 1, False, "train_batch_size must be a positive integer, got 8.0"),
+    (dict(train_micro_batch_size_per_gpu=None), 1, False, "train_micro_batch_size_per_gpu must be a positive"),
+    (dict(gradient_accumulation_steps=3), 1, False, "gradient_accumulation_steps 3 != train_batch_size / "
+                                                    r"\(micro batch x world size\) = 2"),
+    (dict(zero_optimization={"stage": 4}), 1, False, "zero_optimization.stage must be 0, 1, 2 or 3, got 4"),
+    (dict(zero_optimization={"stage": 0}, bf16={"enabled": True}), 1, True, "bf16 needs zero_optimization.stage"),
+    (dict(optimizer={"params": {}}), 1, False, 'needs an "optimizer" block with a "type"'),
+])
+def test_deepspeed_config_is_checked(tmp_path, change, world_size, on_gpu, message):
+    with open(ds_config(tmp_path)) as f:
+        config = json.load(f)
+    path = write_json(tmp_path / "changed.json", {**config, **change})
+    with pytest.raises(loop.UsageError, match=message):
+        loop.load_ds_config(path, world_size, on_gpu)
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(loop.UsageError, match="is not valid JSON"):
+        loop.load_ds_config(str(tmp_path / "broken.json"), world_size, on_gpu)
 
 
 @pytest.mark.parametrize("script", ["pretrain.py", "finetune.py"])
