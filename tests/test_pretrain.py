@@ -379,7 +379,8 @@ def test_bad_arguments_fail_with_one_line(pretrain, capsys, tmp_path, monkeypatc
     assert "preset" in error_line(pretrain, capsys, "--deepspeed_config", good, "--model", "vilbert-huge")
     assert "config file does not exist" in error_line(pretrain, capsys, "--deepspeed_config", good, "--model",
                                                       str(tmp_path / "nope.json"))
-    small_vocab = write_json(tmp_path / "small_vocab.json", {**ViLBERTConfig.preset("tiny").to_dict(), "vocab_size": 10})
+    small_vocab = write_json(tmp_path / "small_vocab.json",
+                             {**ViLBERTConfig.preset("tiny").to_dict(), "vocab_size": 10})
     assert "vocab_size 10 < the tokenizer's" in error_line(pretrain, capsys, "--deepspeed_config", good, "--model",
                                                            small_vocab)
     assert "--init_bert" in error_line(pretrain, capsys, "--deepspeed_config", good, "--init_bert", good)
