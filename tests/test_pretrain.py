@@ -415,25 +415,28 @@ def test_run_arguments_are_checked(pretrain, argv, message):
         pretrain.parse_args(["--deepspeed_config", "train/ds_cpu.json", *argv])
 
 
-@pytest.mark.parametrize("change, world_size, on_gpu, message", [
-    (dict(train_batch_size=0), 1, False, "train_batch_size must be a positive integer, got 0"),
-    (dict(train_batch_size=8.0), 1, False, "train_batch_size must be a positive integer, got 8.0"),
-    (dict(train_micro_batch_size_per_gpu=None), 1, False, "train_micro_batch_size_per_gpu must be a positive"),
-    (dict(gradient_accumulation_steps=3), 1, False, "gradient_accumulation_steps 3 != train_batch_size / "
-                                                    r"\(micro batch x world size\) = 2"),
-    (dict(zero_optimization={"stage": 4}), 1, False, "zero_optimization.stage must be 0, 1, 2 or 3, got 4"),
-    (dict(zero_optimization={"stage": 0}, bf16={"enabled": True}), 1, True, "bf16 needs zero_optimization.stage"),
-    (dict(optimizer={"params": {}}), 1, False, 'needs an "optimizer" block with a "type"'),
+@pytest.mark.parametrize("change, on_gpu, message", [
+    (dict(train_batch_size=0), False, "train_batch_size must be a positive integer, got 0"),
+    (dict(train_batch_size=8.0), False, "train_batch_size must be a positive integer, got 8.0"),
+    (dict(train_micro_batch_size_per_gpu=None), False, "train_micro_batch_size_per_gpu must be a positive"),
+    (dict(gradient_accumulation_steps=3), False, "gradient_accumulation_steps 3 != train_batch_size / "
+                                                 r"\(micro batch x world size\) = 2"),
+    (dict(zero_optimization={"stage": 4}), False, "zero_optimization.stage must be 0, 1, 2 or 3, got 4"),
+    (dict(zero_optimization={"stage": 0}, bf16={"enabled": True}), True, "bf16 needs zero_optimization.stage"),
+    (dict(optimizer={"params": {}}), False, 'needs an "optimizer" block with a "type"'),
 ])
-def test_deepspeed_config_is_checked(tmp_path, change, world_size, on_gpu, message):
+def test_deepspeed_config_is_checked(tmp_path, change, on_gpu, message):
     with open(ds_config(tmp_path)) as f:
         config = json.load(f)
     path = write_json(tmp_path / "changed.json", {**config, **change})
     with pytest.raises(loop.UsageError, match=message):
-        loop.load_ds_config(path, world_size, on_gpu)
+        loop.load_ds_config(path, world_size=1, on_gpu=on_gpu)
+
+
+def test_deepspeed_config_must_be_json(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(loop.UsageError, match="is not valid JSON"):
-        loop.load_ds_config(str(tmp_path / "broken.json"), world_size, on_gpu)
+        loop.load_ds_config(str(tmp_path / "broken.json"), world_size=1, on_gpu=False)
 
 
 @pytest.mark.parametrize("script", ["pretrain.py", "finetune.py"])
