@@ -67,7 +67,11 @@ FAKE_DRIVER = r"""
 
 static int env_int(const char *name, int fallback) { const char *v = getenv(name); return v ? atoi(v) : fallback; }
 
-CUresult cuCtxGetCurrent(CUcontext *ctx) { *ctx = env_int("FAKE_NO_CONTEXT", 0) ? NULL : (CUcontext)0x100; return 0; }
+/* The current context: none with FAKE_NO_CONTEXT=1, else context number FAKE_CTX (default 1; a harness may switch). */
+CUresult cuCtxGetCurrent(CUcontext *ctx) {
+  *ctx = env_int("FAKE_NO_CONTEXT", 0) ? NULL : (CUcontext)(uintptr_t)(0x100 * env_int("FAKE_CTX", 1));
+  return 0;
+}
 CUresult cuCtxGetDevice(CUdevice *device) { *device = 0; return 0; }
 CUresult cuDeviceGetAttribute(int *value, CUdevice_attribute attr, CUdevice device) {
   int arch = env_int("FAKE_ARCH", 90);
@@ -353,14 +357,68 @@ def test_launcher_errors_from_the_driver(tmp_path, scale_rows_build):
         assert stdout.splitlines()[0] == f"status {VK_ERROR_NO_DRIVER} {no_driver}"
 
 
-def test_generator_rejects_an_unmapped_kernel_argument():
-    from vilbert_kernels.aot.generate import CLauncher, c_function, CompiledVariant
+PER_CONTEXT_HARNESS = r"""
+#define _POSIX_C_SOURCE 200112L
+#include <stdio.h>
+#include <stdlib.h>
+#include "vilbert_kernels.h"
+vk_status vk_scale_rows(int fp32, CUdeviceptr x, CUdeviceptr y, CUdeviceptr lens, int64_t rows, int64_t cols,
+                        int64_t stride_x, int64_t stride_y, float alpha, CUstream stream);
+int main(void) {
+  const char *contexts[] = {"1", "2", "1", "2"};
+  for (int i = 0; i < 4; ++i) {
+    setenv("FAKE_CTX", contexts[i], 1);
+    printf("status %d\n", (int)vk_scale_rows(0, 0x1000, 0x2000, 0x3000, 5, 50, 64, 64, 2.0f, (CUstream)0));
+  }
+  return 0;
+}
+"""
+
+
+def test_a_module_is_loaded_once_per_context(tmp_path, scale_rows_build):
+    """A module belongs to the context it was loaded in: another context loads its own, then each is reused."""
+    _, objects = scale_rows_build
+    stdout = _run_harness(tmp_path, PER_CONTEXT_HARNESS, objects, _build_fake_driver(tmp_path), SCALE_ROWS_PARAMS)
+    assert [line.split()[0] for line in stdout.splitlines() if line.split()[0] in ("load", "launch")] == [
+        "load", "launch", "load", "launch", "launch", "launch"]
+    assert stdout.count("status 0") == 4
+
+
+def _fake_spec():
+    """A KernelSpec of a stand-in for a @triton.jit function (the generator reads only arg_names and __name__)."""
     from vilbert_kernels.kernel_spec import KernelSpec
 
-    def scale(X, n_cols, BLOCK):  # stands in for a @triton.jit function: only arg_names and __name__ are read
+    def scale(X, n_cols, BLOCK):
         pass
     scale.arg_names = ["X", "n_cols", "BLOCK"]
-    spec = KernelSpec("scale", scale, {"X": "*fp16", "n_cols": "i32", "BLOCK": "constexpr"}, {"BLOCK": 64})
+    return KernelSpec("scale", scale, {"X": "*fp16", "n_cols": "i32", "BLOCK": "constexpr"}, {"BLOCK": 64})
+
+
+@pytest.mark.parametrize("needs, message", [
+    ({"global_scratch_size": 256}, "global scratch memory"), ({"profile_scratch_size": 64}, "profile scratch memory"),
+    ({"num_ctas": 2}, "thread-block clusters"), ({"launch_cooperative_grid": True}, "cooperative or PDL launch"),
+    ({"launch_pdl": True}, "cooperative or PDL launch"), ({"tensordesc_meta": [{}]}, "tensor descriptors"),
+    ({"shared": 228 * 1024}, "needs 233472 bytes of shared memory; sm_90 has 232448")])
+def test_generator_refuses_a_kernel_the_launcher_cannot_launch(monkeypatch, needs, message):
+    """What cuLaunchKernel alone does not provide (triton's launcher sets it up) must fail the build, not the launch."""
+    import types
+    from vilbert_kernels.aot import generate
+    metadata = dict(global_scratch_size=0, profile_scratch_size=0, num_ctas=1, launch_cooperative_grid=False,
+                    launch_pdl=False, tensordesc_meta=None, shared=0, num_warps=4)
+    compiled = types.SimpleNamespace(metadata=types.SimpleNamespace(**metadata),
+                                     asm={"ptx": ".entry scale(.param .u64 a, .param .u32 b, .param .u64 c, "
+                                                 ".param .u64 d)", "cubin": b""})
+    monkeypatch.setattr(generate, "compile_spec", lambda spec, arch: compiled)
+    assert generate.compile_variant(_fake_spec(), 90).num_warps == 4  # the stand-in alone compiles
+    compiled.metadata = types.SimpleNamespace(**(metadata | needs))
+    with pytest.raises(ValueError, match=message):
+        generate.compile_variant(_fake_spec(), 90)
+
+
+def test_generator_rejects_an_unmapped_kernel_argument():
+    from vilbert_kernels.aot.generate import CLauncher, c_function, CompiledVariant
+
+    spec = _fake_spec()
     launcher = CLauncher(name="vk_scale", params="CUdeviceptr x", specs=lambda: [spec], dispatch=lambda s: [],
                          args={"X": "x"}, grid=("1", "1", "1"))
     with pytest.raises(ValueError, match=r"no C expression for \['n_cols'\]"):
@@ -416,6 +474,7 @@ def test_installed_package_is_found_by_cmake(build_dir, tmp_path):
 
 
 ATTENTION_HARNESS = r"""
+#include <math.h>
 #include <stdio.h>
 #include "vilbert_kernels.h"
 static void report(vk_status status) { printf("status %d %s\n", (int)status, vk_last_error_message()); }
@@ -425,9 +484,11 @@ int main(void) {
   /* q as a slice of a fused (B, L, 3, H, D) projection; k, v contiguous */
   report(vk_attention_forward(VK_BFLOAT16, 2, 100, 10, 3, 128, t(0x10000, 100 * 1152, 1152, 128),
          t(0x20000, 3840, 384, 128), t(0x30000, 3840, 384, 128), 0x40000, 0x50000, 0x60000, 0x70000, 0.125f, s));
-  report(vk_attention_forward(VK_FLOAT16, 2, 20, 32, 3, 64, t(0x10000, 8, 16, 24),
+  /* 32 queries and keys: exactly one tile of the smallest variant, 32 x 32 */
+  report(vk_attention_forward(VK_FLOAT16, 2, 32, 32, 3, 64, t(0x10000, 8, 16, 24),
          t(0x20000, 32, 40, 48), t(0x30000, 56, 64, 72), 0x40000, 0x50000, 0x60000, 0x70000, 0.125f, s));
-  report(vk_co_attention_forward(VK_FLOAT16, 4, 36, 37, 8, 64, t(0x1000, 88, 96, 104),
+  /* 20 text tokens (a 32-row tile alone), 37 regions (64): both directions take the longer's */
+  report(vk_co_attention_forward(VK_FLOAT16, 4, 20, 37, 8, 64, t(0x1000, 88, 96, 104),
          t(0x2000, 112, 120, 128), t(0x3000, 136, 144, 152), t(0x4000, 168, 176, 184), t(0x5000, 192, 200, 208),
          t(0x6000, 216, 224, 232), 0x7000, 0x8000, 0x9000, 0xa000, 0xb000, 0xc000, 0.5f, s));
   report(vk_attention_forward(VK_FLOAT32, 2, 20, 32, 3, 64, t(0x10000, 8, 16, 24),
@@ -452,22 +513,42 @@ int main(void) {
          t(0x2000, 36 * 1024, 1024, 64), t(0x3000, 36 * 1024, 1024, 64), t(0x4000, 9000 * 1024, 1024, 64),
          t(0x5000, 1024, 262144, 64), t(0x6000, 9000 * 1024, 1024, 64), 0x7000, 0x8000, 0x9000, 0xa000, 0xb000,
          0xc000, 0.5f, s));
+  /* the batch stride: 4 fp16 elements (8 bytes) */
+  report(vk_attention_forward(VK_FLOAT16, 2, 20, 32, 3, 64, t(0x10000, 4, 16, 24),
+         t(0x20000, 32, 40, 48), t(0x30000, 56, 64, 72), 0x40000, 0x50000, 0x60000, 0x70000, 0.125f, s));
+  report(vk_attention_forward(VK_FLOAT16, 2, 20, 32, 3, 64, t(0x10000, 8, 16, 24),
+         t(0x20000, 32, 40, 48), t(0x30000, 56, 64, 72), 0x40000, 0x50000, 0x60000, 0x70000, INFINITY, s));
+  /* batch * nheads = 2^32: the grid's x would wrap to 0 */
+  report(vk_attention_forward(VK_FLOAT16, 1 << 20, 20, 32, 1 << 12, 64, t(0x10000, 8, 16, 24),
+         t(0x20000, 32, 40, 48), t(0x30000, 56, 64, 72), 0x40000, 0x50000, 0x60000, 0x70000, 0.125f, s));
+  /* 5e6 queries: 78125 tiles of 64, over CUDA's 65535 for grid y */
+  report(vk_attention_forward(VK_FLOAT16, 1, 5000000, 32, 1, 64, t(0x10000, 0, 64, 0),
+         t(0x20000, 32, 40, 48), t(0x30000, 56, 64, 72), 0x40000, 0x50000, 0x60000, 0x70000, 0.125f, s));
+  /* row stride 1024: (2097100 + 128) * 1024 + 64 passes 2^31 (without the tile's 128 rows it would not); one
+     tile fewer fits */
+  report(vk_attention_forward(VK_FLOAT16, 1, 2097100, 32, 1, 64, t(0x10000, 0, 1024, 0),
+         t(0x20000, 32, 40, 48), t(0x30000, 56, 64, 72), 0x40000, 0x50000, 0x60000, 0x70000, 0.125f, s));
+  report(vk_attention_forward(VK_FLOAT16, 1, 2096900, 32, 1, 64, t(0x10000, 0, 1024, 0),
+         t(0x20000, 32, 40, 48), t(0x30000, 56, 64, 72), 0x40000, 0x50000, 0x60000, 0x70000, 0.125f, s));
   return 0;
 }
 """
 
 
 def _expected_variant(manifest, function, arch, dtype, head_dim, seqlen_m, seqlen_n):
-    """The spec the launcher must take: the first listed (smallest tiles first) for the dtype and head dim whose tiles
-    are at least those the Python launcher picks for the sequence lengths."""
+    """The spec the launcher must take: for the dtype and head dim, the one with the smallest tiles that are at least
+    those the Python launcher picks for the sequence lengths."""
     from vilbert_kernels.attention import _block
-    for m in manifest:
-        c = {k: int(v) for k, v in m["constexprs"].items() if k in ("HEAD_DIM", "BLOCK_M", "BLOCK_N")}
-        key = (m["function"], m["arch"], dict(m["params"])["Q0"], c["HEAD_DIM"])
-        if key == (function, arch, f"*{dtype}", head_dim) and c["BLOCK_M"] >= _block(seqlen_m) \
-                and c["BLOCK_N"] >= _block(seqlen_n):
-            return m
-    raise AssertionError(f"no {function} variant for {dtype}, D={head_dim}, {seqlen_m}x{seqlen_n} on sm_{arch}")
+
+    def tiles(m):
+        return int(m["constexprs"]["BLOCK_M"]), int(m["constexprs"]["BLOCK_N"])
+
+    def kind(m):
+        return m["function"], m["arch"], dict(m["params"])["Q0"], int(m["constexprs"]["HEAD_DIM"])
+    fits = [m for m in manifest if kind(m) == (function, arch, f"*{dtype}", head_dim)
+            and tiles(m)[0] >= _block(seqlen_m) and tiles(m)[1] >= _block(seqlen_n)]
+    assert fits, f"no {function} variant for {dtype}, D={head_dim}, {seqlen_m}x{seqlen_n} on sm_{arch}"
+    return min(fits, key=tiles)
 
 
 @pytest.mark.parametrize("arch", [90, 80])
@@ -484,7 +565,8 @@ def test_attention_launchers_against_fake_driver(tmp_path, build_dir, arch):
     reports = [line.split(" ", 2)[1:] for line in stdout.splitlines() if line.startswith("status")]
     statuses = [int(status) for status, _ in reports]
     assert statuses == ([VK_SUCCESS] * 3 + [VK_ERROR_UNSUPPORTED] * 2 + [VK_ERROR_INVALID_VALUE] * 2
-                        + [VK_ERROR_MISALIGNED] * 2 + [VK_ERROR_INVALID_VALUE] * 2)
+                        + [VK_ERROR_MISALIGNED] * 2 + [VK_ERROR_INVALID_VALUE] * 2
+                        + [VK_ERROR_MISALIGNED] + [VK_ERROR_INVALID_VALUE] * 4 + [VK_SUCCESS])
     # vk_last_error_message names what was wrong (and keeps it through later successful calls, as errno)
     messages = [message for _, message in reports]
     assert messages[:3] == [""] * 3  # no error yet
@@ -494,8 +576,13 @@ def test_attention_launchers_against_fake_driver(tmp_path, build_dir, arch):
         "q: a stride of a dim longer than 1 is not a multiple of 16 bytes",
         "image_v: a stride of a dim longer than 1 is not a multiple of 16 bytes",
         "q: (seqlen_q + 128) * stride_seq + headdim reaches 2^31: beyond the kernels' 32-bit row offsets",
-        "image_k: (seqlen_image + 128) * stride_seq + headdim reaches 2^31: beyond the kernels' 32-bit row offsets"]
-    bf16, fp16, co = _launches(stdout, params)
+        "image_k: (seqlen_image + 128) * stride_seq + headdim reaches 2^31: beyond the kernels' 32-bit row offsets",
+        "q: a stride of a dim longer than 1 is not a multiple of 16 bytes",
+        "softmax_scale must be finite and > 0",
+        "nheads must be >= 1, and batch * nheads at most 2^31 - 1",
+        "the launch grid exceeds CUDA's limits (too many query tiles)"] + [
+        "q: (seqlen_q + 128) * stride_seq + headdim reaches 2^31: beyond the kernels' 32-bit row offsets"] * 2
+    bf16, fp16, co, longest = _launches(stdout, params)
 
     variant = _expected_variant(manifest, "vk_attention_forward", arch, "bf16", 128, 100, 10)
     assert cubin_of[bf16["loads"][-1]] == variant["spec"]
@@ -514,9 +601,9 @@ def test_attention_launchers_against_fake_driver(tmp_path, build_dir, arch):
     assert (a["softmax_scale"], a["dropout_p"], a["SEED"]) == (0.125, 0.0, 0)
     assert (a["global_scratch"], a["profile_scratch"]) == (0, 0)
 
-    variant = _expected_variant(manifest, "vk_attention_forward", arch, "fp16", 64, 20, 32)
-    assert cubin_of[fp16["loads"][-1]] == variant["spec"]
-    assert fp16["grid"] == (6, -(-20 // int(variant["constexprs"]["BLOCK_M"])), 1)
+    variant = _expected_variant(manifest, "vk_attention_forward", arch, "fp16", 64, 32, 32)
+    assert cubin_of[fp16["loads"][-1]] == variant["spec"] and int(variant["constexprs"]["BLOCK_M"]) == 32
+    assert fp16["grid"] == (6, 1, 1)
     assert fp16["block"] == (variant["num_warps"] * 32, 1, 1)
 
     # co-attention: direction 0 = text queries over image keys, direction 1 = image queries over text keys
@@ -527,9 +614,12 @@ def test_attention_launchers_against_fake_driver(tmp_path, build_dir, arch):
     c = co["args"]
     assert (c["Q0"], c["K0"], c["V0"], c["O0"], c["LSE0"]) == (0x1000, 0x5000, 0x6000, 0x7000, 0x9000)
     assert (c["Q1"], c["K1"], c["V1"], c["O1"], c["LSE1"]) == (0x4000, 0x2000, 0x3000, 0x8000, 0xa000)
-    assert (c["LENS_A"], c["LENS_B"], c["L_A"], c["L_B"]) == (0xb000, 0xc000, 36, 37)
+    assert (c["LENS_A"], c["LENS_B"], c["L_A"], c["L_B"]) == (0xb000, 0xc000, 20, 37)
     assert [c[f"stride_{n}{d}"] for n in ("q0", "k0", "v0", "q1", "k1", "v1") for d in "blh"] == [8 * s for s in (
         11, 12, 13, 24, 25, 26, 27, 28, 29, 21, 22, 23, 14, 15, 16, 17, 18, 19)]
+
+    # the longest query sequence whose rows the 32-bit offsets reach, one tile of 64 rows short of the refused one
+    assert longest["grid"] == (1, -(-2096900 // 64), 1) and longest["args"]["L_A"] == 2096900
 
 
 # ----------------------------------------------------------------------------------------------------------------------

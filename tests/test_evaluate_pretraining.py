@@ -27,7 +27,13 @@ def checkpoint(request, tmp_path_factory, tokenizer):
     torch.manual_seed(0)
     # A wider init than the default 0.02 so that the random model's predictions differ between samples.
     config = ViLBERTConfig.preset("tiny", vocab_size=tokenizer.vocab_size, initializer_range=0.5)
-    request.param(config).save_pretrained(path)
+    model = request.param(config)
+    # A random model never predicts a masked token; this one answers "a", the captions' most frequent word, so its
+    # masked-token accuracy is a fraction of the targets, not 0 (which any count over any total would give).
+    (a,) = tokenizer.encode("a", max_len=3)[1:-1]
+    with torch.no_grad():
+        model.cls.predictions.bias[a] = 100.0
+    model.save_pretrained(path)
     return path
 
 
@@ -60,7 +66,7 @@ def test_metrics_equal_one_batch_by_hand(checkpoint, capsys, tokenizer, tmp_path
     assert record["align_acc"] == pytest.approx(out.align_acc.item())
     assert record["mlm_acc"] == pytest.approx(out.mlm_acc.item())
     assert record["region_loss"] == pytest.approx(out.region_loss.item(), rel=1e-5)
-    assert 0 < record["mlm_targets"] and 0 < record["masked_regions"]
+    assert 0 < record["mlm_targets"] and 0 < record["masked_regions"] and 0 < record["mlm_acc"] < 1
 
 
 def test_data_option_reads_the_first_images_of_a_store(checkpoint, capsys, tmp_path):
@@ -75,3 +81,14 @@ def test_data_option_reads_the_first_images_of_a_store(checkpoint, capsys, tmp_p
 def test_bad_checkpoint_is_one_line(capsys, tmp_path):
     assert evaluate_pretraining.main(["--init", str(tmp_path / "missing")]) == 2
     assert "need a pretraining checkpoint directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num_images", "0"], "--num_images must be >= 1, got 0"),
+    (["--batch_size", "0"], "--batch_size must be >= 1, got 0"),
+    (["--data", "nowhere"], "--data 'nowhere' does not exist"),
+])
+def test_bad_arguments_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_pretraining.main(["--init", "unused", *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -12,6 +12,7 @@ scratch, is measured by the commands in the README.
 """
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -23,6 +24,7 @@ from vilbert import (SingleStreamForPretraining, SingleStreamForReferring, Singl
                      ViLBERTConfig, ViLBERTForPretraining, ViLBERTForRetrieval, ViLBERTForVQA)
 from vilbert.data import load_tokenizer
 from vilbert.tasks.models import load_pretraining_model, load_task_model
+from vilbert.tasks.retrieval import load_captions, retrieval_eval_set, score_all_pairs
 from vilbert.tasks.synthetic import write_synthetic_tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,6 +99,25 @@ def finetune_from_scratch(task, steps, tasks_dir, tiny_config, ds_config, output
     return losses, eval_record(output_dir)
 
 
+def test_a_metrics_line_covers_its_whole_window(tasks_dir, tiny_config, ds_config, tmp_path):
+    """With --log_interval 2 a line holds the mean loss of the two steps and the hits over all their examples, as the
+    same run logged step by step gives them. A retrieval example is a group of four choices: 16 a step here."""
+    def training_lines(log_interval):
+        output_dir = tmp_path / f"every{log_interval}"
+        assert finetune.main(["--task", "retrieval", "--init", "none", "--model", tiny_config, "--data", tasks_dir,
+                              "--deepspeed_config", ds_config, "--max_steps", "4", "--seed", "1",
+                              "--log_interval", str(log_interval), "--output_dir", str(output_dir)]) == 0
+        return [line for line in metrics_lines(output_dir) if "loss" in line]
+
+    each, pairs = training_lines(1), training_lines(2)
+    hits = [line["train_metric"] * 16 for line in each]
+    assert hits == [round(h) for h in hits] and 0 < sum(hits) and max(hits) <= 16, hits
+    assert [line["step"] for line in pairs] == [2, 4]
+    for window, (first, second) in zip(pairs, (each[:2], each[2:])):
+        assert window["loss"] == pytest.approx((first["loss"] + second["loss"]) / 2, rel=1e-6)
+        assert window["train_metric"] == pytest.approx((first["train_metric"] + second["train_metric"]) / 2)
+
+
 @pytest.mark.parametrize("task", ["vqa", "retrieval", "referring"])
 def test_finetune_trains_saves_and_reloads(task, tasks_dir, tiny_config, ds_config, tmp_path):
     output_dir = tmp_path / task
@@ -155,11 +176,19 @@ def test_zero_shot_retrieval_from_pretraining_checkpoint(pretraining_class, task
     assert status == 0
     record = eval_record(tmp_path / "zs")
     assert record["zero_shot"] and record["num_images"] == 4 and 0 <= record["image_retrieval_R@1"] <= 1
+    # --max_eval_images: the first N val images and exactly their captions.
+    status = finetune.main(["--task", "retrieval", "--zero_shot", "--init", str(tmp_path / "pretrained"),
+                            "--data", tasks_dir, "--deepspeed_config", ds_config, "--output_dir", str(tmp_path / "zs2"),
+                            "--max_eval_images", "2"])
+    assert status == 0
+    image_ids, _, caption_image = retrieval_eval_set(load_captions(os.path.join(tasks_dir, "captions_val.jsonl")))
+    assert len(image_ids) == 4 and 0 < (caption_image < 2).sum() < len(caption_image)
+    record = eval_record(tmp_path / "zs2")
+    assert record["num_images"] == 2 and record["num_captions"] == (caption_image < 2).sum()
 
 
 def test_retrieval_takes_the_official_hard_negative_pool(tasks_dir, tiny_config, ds_config, tmp_path, capsys):
     import pickle
-    from vilbert.tasks.retrieval import load_captions
     images = sorted({image_id for image_id, _ in load_captions(os.path.join(tasks_dir, "captions_train.jsonl"))})
     # vilbert-multi-task's layout: per image, indices into the image list of its nearest images (itself first).
     pool = [[row, (row + 1) % len(images), (row + 2) % len(images)] for row in range(len(images))]
@@ -169,29 +198,54 @@ def test_retrieval_takes_the_official_hard_negative_pool(tasks_dir, tiny_config,
                           "--hard_negatives", str(tmp_path / "hard_negative.pkl"), "--max_steps", "1",
                           "--deepspeed_config", ds_config, "--output_dir", str(tmp_path / "out")]) == 0
     assert f"hard negatives: {len(images)} of {len(images)} train images have a pool" in capsys.readouterr().out
+    # Without --hard_negatives, <data>/hard_negative.pkl is the pool.
+    shutil.copytree(tasks_dir, tmp_path / "data")
+    shutil.copy(tmp_path / "hard_negative.pkl", tmp_path / "data")
+    assert finetune.main(["--task", "retrieval", "--init", "none", "--model", tiny_config, "--data",
+                          str(tmp_path / "data"), "--max_steps", "1", "--deepspeed_config", ds_config,
+                          "--output_dir", str(tmp_path / "default_pool")]) == 0
+    assert f"have a pool from {tmp_path / 'data' / 'hard_negative.pkl'}" in capsys.readouterr().out
 
 
 def test_bad_arguments_fail_clearly(tasks_dir, tiny_config, ds_config, tmp_path, capsys):
-    common = ["--data", tasks_dir, "--deepspeed_config", ds_config, "--output_dir", str(tmp_path / "out")]
-    assert finetune.main(["--task", "vqa", "--init", str(tmp_path / "nowhere"), *common]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    assert finetune.main(["--task", "vqa", "--zero_shot", "--init", "none", *common]) == 2
-    assert "--zero_shot is for --task retrieval" in capsys.readouterr().err
-    assert finetune.main(["--task", "vqa", "--hard_negatives", ds_config, "--init", "none", *common]) == 2
-    assert "--hard_negatives is for --task retrieval" in capsys.readouterr().err
-    assert finetune.main(["--task", "retrieval", "--hard_negatives", str(tmp_path / "no.pkl"), "--init", "none",
-                          *common]) == 2
-    assert "--hard_negatives '" in capsys.readouterr().err
-    assert finetune.main(["--task", "retrieval", "--hard_negatives", ds_config, "--eval_only", "--init", "none",
-                          *common]) == 2
-    assert "--hard_negatives is for training" in capsys.readouterr().err
+    """Each bad input ends the run with status 2 and one error line that names it, before any training step."""
     (tmp_path / "empty").mkdir()
-    assert finetune.main(["--task", "referring", "--init", "none", "--model", tiny_config, *common[2:],
-                          "--data", str(tmp_path / "empty")]) == 2
-    assert "no store at" in capsys.readouterr().err
-    assert finetune.main(["--task", "referring", "--init", "none", "--model", tiny_config, *common[2:],
-                          "--data", str(tmp_path / "empty"), "--features", os.path.join(tasks_dir, "features")]) == 2
-    assert "no refs_train.json/.jsonl" in capsys.readouterr().err
+    empty, features, nowhere = str(tmp_path / "empty"), os.path.join(tasks_dir, "features"), str(tmp_path / "nowhere")
+    with open(ds_config) as f:
+        config = json.load(f)
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text(json.dumps(config | {"zero_optimization": {"stage": 3}}))
+    big_batch = tmp_path / "big_batch.json"
+    big_batch.write_text(json.dumps(config | {"train_batch_size": 4096, "train_micro_batch_size_per_gpu": 4096}))
+    scratch = ["--init", "none", "--model", tiny_config]
+    pretrained = str(tmp_path / "pretrained")
+    ViLBERTForPretraining(ViLBERTConfig.from_json(tiny_config)).save_pretrained(pretrained)
+    cases = [
+        (["--task", "vqa", "--init", nowhere], f"--init {nowhere!r} does not exist"),
+        (["--task", "vqa", "--zero_shot", "--init", "none"], "--zero_shot is for --task retrieval"),
+        (["--task", "vqa", "--hard_negatives", ds_config, "--init", "none"], "--hard_negatives is for --task retrieval"),
+        (["--task", "retrieval", "--hard_negatives", nowhere, "--init", "none"], f"--hard_negatives {nowhere!r}"),
+        (["--task", "retrieval", "--hard_negatives", ds_config, "--eval_only", "--init", "none"],
+         "--hard_negatives is for training"),
+        (["--task", "vqa", "--eval_only", "--init", "none"], "--eval_only needs a checkpoint"),
+        (["--task", "referring", "--eval_only", "--init", pretrained], f"{pretrained} holds no referring head"),
+        (["--task", "vqa", *scratch, "--eval_batch_size", "0"], "--eval_batch_size must be >= 1, got 0"),
+        (["--task", "vqa", *scratch, "--max_regions", "0"], "--max_regions must be >= 1, got 0"),
+        (["--task", "vqa", *scratch, "--deepspeed_config", str(zero3)], "ZeRO-3 is not supported by finetune.py"),
+        (["--task", "vqa", *scratch, "--vocab_file", nowhere], f"--vocab_file {nowhere!r} does not exist"),
+        (["--task", "vqa", *scratch, "--data", ds_config], f"--data {ds_config!r} is not a directory"),
+        (["--task", "referring", *scratch, "--data", empty], "no store at"),
+        (["--task", "referring", *scratch, "--data", empty, "--features", features], "no refs_train.json/.jsonl"),
+        (["--task", "vqa", *scratch, "--data", empty, "--features", features],
+         f"--data {empty!r}: no v2_OpenEnded_mscoco_train_questions.json"),
+        (["--task", "vqa", *scratch, "--deepspeed_config", str(big_batch)], "fewer than one micro batch per rank"),
+    ]
+    common = ["--data", tasks_dir, "--deepspeed_config", ds_config, "--output_dir", str(tmp_path / "out")]
+    for argv, message in cases:
+        assert finetune.main([*common, *argv]) == 2, argv  # later options win: a case's --data replaces common's
+        err = capsys.readouterr().err
+        assert "finetune.py: error: " in err and message in err, (argv, err)
+    assert not os.path.exists(tmp_path / "out" / "metrics.jsonl")
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint loading
@@ -254,7 +308,6 @@ def test_score_all_pairs_matches_one_pair_at_a_time(tasks_dir):
     from vilbert.data import open_store
     from vilbert.tasks.common import TaskCollator, encode_regions, encode_text, index_images, model_inputs
     from vilbert.tasks.models import retrieval_score
-    from vilbert.tasks.retrieval import load_captions, retrieval_eval_set, score_all_pairs
 
     torch.manual_seed(0)
     model = ViLBERTForRetrieval(ViLBERTConfig.preset("tiny", vocab_size=load_tokenizer().vocab_size)).eval()
@@ -274,7 +327,6 @@ def test_score_all_pairs_matches_one_pair_at_a_time(tasks_dir):
 def test_score_all_pairs_runs_the_model_without_dropout(tasks_dir):
     from vilbert.data import open_store
     from vilbert.tasks.models import retrieval_score
-    from vilbert.tasks.retrieval import load_captions, retrieval_eval_set, score_all_pairs
 
     config = ViLBERTConfig.preset("tiny", vocab_size=load_tokenizer().vocab_size, hidden_dropout_prob=0.3,
                                   attention_probs_dropout_prob=0.3, v_hidden_dropout_prob=0.3)

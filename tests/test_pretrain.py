@@ -301,10 +301,11 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path, zero2_runs):
 
 
 @pytest.mark.distributed
-def test_resume_refuses_another_seed_and_no_resume_starts_over(tmp_path, zero2_runs):
+def test_resume_refuses_another_seed_batch_or_world_size_and_no_resume_starts_over(tmp_path, zero2_runs):
     """A checkpoint's position names samples of its seed's order: another --seed must not resume it (samples would
-    repeat or be skipped). --no_resume then starts over, with the earlier run set aside."""
-    common, _, one = zero2_runs
+    repeat or be skipped), nor another global batch or rank count. --no_resume then starts over, with the earlier run
+    set aside."""
+    common, two, one = zero2_runs
     shutil.copytree(one, tmp_path / "out")
     process = launch(1, tmp_path / "out", *common, "--seed", "1")
     output, _ = process.communicate(timeout=RUN_TIMEOUT)
@@ -317,6 +318,12 @@ def test_resume_refuses_another_seed_and_no_resume_starts_over(tmp_path, zero2_r
     output, _ = process.communicate(timeout=RUN_TIMEOUT)
     assert process.returncode != 0
     assert "'train_batch_size': 8}, this run has {'world_size': 1, 'train_batch_size': 16}" in output, output[-3000:]
+    # The two-rank run's ZeRO shards on one rank: DeepSpeed could not load them, so the loop refuses first.
+    shutil.copytree(two, tmp_path / "two")
+    process = launch(1, tmp_path / "two", *common)
+    output, _ = process.communicate(timeout=RUN_TIMEOUT)
+    assert process.returncode != 0
+    assert "global_step24 was saved by 2 ranks, this run has 1" in output, output[-3000:]
     steps = common.index("--max_steps") + 1
     run(1, tmp_path / "out", *common[:steps], "2", *common[steps + 1:], "--seed", "1", "--no_resume")
     assert max(metrics(tmp_path / "out")) == 2
@@ -514,6 +521,28 @@ def test_half_precision_needs_a_zero_stage_on_gpus(tmp_path):
     with pytest.raises(loop.UsageError, match="bf16 needs zero_optimization.stage >= 1"):
         loop.load_ds_config(path, world_size=1, on_gpu=True)
     loop.load_ds_config(path, world_size=1, on_gpu=False)  # the CPU runs fp32
+
+
+def test_resume_refuses_a_checkpoint_it_cannot_continue(tmp_path):
+    """What DeepSpeed loads but this loop cannot continue from stops the run with one line, before any state is
+    restored: a checkpoint without the sampler's position, or one whose load failed."""
+    class Engine:  # load_checkpoint as DeepSpeed returns it: (path or None, client_state)
+        def __init__(self, load_path, client_state):
+            self.result = load_path, client_state
+
+        def load_checkpoint(self, output_dir):
+            return self.result
+
+    def resume(engine):
+        return loop.resume_latest(engine, str(tmp_path), world_size=1, rank=0, sampler=None, train_batch_size=8)
+
+    assert resume(Engine(None, None)) == 0  # no `latest`: a fresh run, nothing loaded
+    (tmp_path / "latest").write_text("global_step4")
+    os.makedirs(tmp_path / "global_step4")
+    with pytest.raises(SystemExit, match="global_step4 was saved by an earlier version of this loop"):
+        resume(Engine(str(tmp_path / "global_step4"), {"step": 4, "rng": [None]}))
+    with pytest.raises(RuntimeError, match="could not load the checkpoint named by"):
+        resume(Engine(None, {}))
 
 
 def test_no_resume_sets_the_earlier_run_aside(tmp_path):
