@@ -57,3 +57,13 @@ def test_sdpa_co_attention_and_fused_ops_equal_reference():
     torch.testing.assert_close(ops.get("sdpa").layer_norm(x, weight, bias, 1e-12, residual),
                                reference.layer_norm(x, weight, bias, 1e-12, residual), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ops.get("sdpa").bias_gelu(x, bias), reference.bias_gelu(x, bias))
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "triton"])
+def test_layer_norm_drops_x_not_the_residual(backend):
+    """layer_norm(x, weight, bias, eps, residual, p) = LayerNorm(dropout(x) + residual): with x = 0 the residual passes
+    whole, whatever the mask."""
+    torch.manual_seed(2)
+    residual, weight, bias = torch.randn(4, 32), torch.randn(32), torch.randn(32)
+    out = ops.get(backend).layer_norm(torch.zeros(4, 32), weight, bias, 1e-12, residual, dropout_p=0.5)
+    torch.testing.assert_close(out, torch.nn.functional.layer_norm(residual, (32,), weight, bias, 1e-12))

@@ -1,11 +1,13 @@
 """Downstream metrics against hand-computed cases (vilbert/tasks/metrics.py; task_hits of vilbert/tasks/models.py)."""
+import types
+
 import pytest
 import torch
 
 from vilbert.tasks.metrics import (box_iou, normalize_answer, referring_accuracy, referring_targets,
                                    retrieval_recall, vqa_accuracy, vqa_answer_score, vqa_score_from_logits,
                                    vqa_soft_scores)
-from vilbert.tasks.models import task_hits
+from vilbert.tasks.models import evaluate_batches, task_hits
 
 
 # ---------------------------------------------------------------------------------------------------------- VQA
@@ -168,3 +170,27 @@ def test_task_hits_per_task():
     assert retrieval.tolist() == [1.0, 0.0]  # two groups of NUM_CHOICES: the positive wins the first only
     with pytest.raises(ValueError, match="task"):
         task_hits("captioning", torch.zeros(2, 2), {})
+
+
+def test_evaluate_batches_averages_over_samples():
+    """The accuracy over a loader: the hits of every sample over the sample count, whatever the batches' sizes (3 and
+    2 here) and text length (4); the model runs in eval mode and comes back in train mode."""
+    class AnswerFromText(torch.nn.Module):  # answers the id of its second token; notes whether dropout was on
+        def forward(self, input_ids, **inputs):
+            self.modes = getattr(self, "modes", []) + [self.training]
+            return types.SimpleNamespace(logits=torch.nn.functional.one_hot(input_ids[:, 1], 3).float())
+
+    def batch(answers, scores):
+        inputs = {key: torch.zeros(len(answers), 4) for key in ("token_type_ids", "text_lens", "image_features",
+                                                                 "image_locations", "image_lens")}
+        ids = torch.zeros(len(answers), 4, dtype=torch.long)
+        ids[:, 1] = torch.tensor(answers)
+        return {**inputs, "input_ids": ids, "answer_scores": torch.tensor(scores)}
+
+    loader = [batch([0, 1, 2], [[1.0, 0, 0], [0, 0.3, 1.0], [0, 0, 0.6]]), batch([2, 0], [[1.0, 0, 0], [0.9, 0, 0]])]
+    model = AnswerFromText()
+    assert evaluate_batches("vqa", model, loader, "cpu") == {"vqa_accuracy": pytest.approx((1.0 + 0.3 + 0.6 + 0.9) / 5),
+                                                             "num_samples": 5}
+    assert model.modes == [False, False] and model.training
+    with pytest.raises(ValueError, match="no samples"):
+        evaluate_batches("vqa", model, [], "cpu")

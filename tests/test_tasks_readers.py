@@ -225,6 +225,8 @@ def test_item_generators_take_every_seed_and_differ_per_item():
     # items one epoch apart, seeds one apart: their own streams
     assert not torch.equal(draw(0, 0, 1_000_003), draw(0, 1, 0))
     assert not torch.equal(draw(1, 0, 0), draw(0, 1_000_003, 0))
+    # and the plain sum's neighbours: the next item, epoch or seed
+    assert len({tuple(draw(*key).tolist()) for key in [(0, 0, 1), (0, 1, 0), (1, 0, 0)]}) == 3
 
 
 def test_image_index_reads_ids_only(store):

@@ -136,7 +136,7 @@ def _load_encoder(model, state, where: str) -> None:
     encoder = {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
     missing, _ = model.load_state_dict(encoder, strict=False)
     encoder_missing = [k for k in missing if k.startswith(ENCODER_PREFIX)]
-    if not encoder or encoder_missing:
+    if encoder_missing:  # (an empty `encoder` leaves every bert.* tensor missing)
         raise ValueError(f"{where} does not hold this model's encoder: missing {encoder_missing[:5]} "
                          f"({len(encoder_missing)} in all) of the {ENCODER_PREFIX}* tensors")
 
