@@ -164,13 +164,29 @@ class PackedReference(kernels.Provider):
         return kernels.pack(out, q_valid)
 
 
+class GarbageAtPadding(kernels.Provider):
+    """The reference with 7.0 in its padded query rows: what a provider puts there is its own (SDPA's masks give
+    those rows real attention outputs); the cotangents there are zero."""
+    name = "garbage_at_padding"
+
+    def attention(self, q, k, v, q_lens, kv_lens, dropout_p):
+        from vilbert_kernels import reference
+        out = reference.attention(q, k, v, q_lens, kv_lens, dropout_p)
+        if q_lens is None:
+            return out
+        padded = torch.arange(out.shape[1])[None, :] >= q_lens[:, None]  # (B, Lq)
+        return torch.where(padded[:, :, None, None], torch.full_like(out, 7.0), out)
+
+
 @cpu_only
-def test_packed_layout_provider_is_checked_and_timed(tmp_path):
+def test_packed_layout_and_padding_rows_are_the_providers_own(tmp_path):
     results = common.Results("kernels", tmp_path, {"device": "cpu"}, {})
-    options = common.Options(quick=True, providers=["packed"], extra_providers=[PackedReference()])
+    options = common.Options(quick=True, providers=["packed", "garbage_at_padding"],
+                             extra_providers=[PackedReference(), GarbageAtPadding()])
     kernels.run(results, options, common.Budget(None), {})
-    packed = [r for r in results.rows if r["provider"] == "packed"]
-    assert packed and all(r["correct"] is True and r["ms_p50"] > 0 for r in packed), packed
+    for name in ("packed", "garbage_at_padding"):
+        rows = [r for r in results.rows if r["provider"] == name]
+        assert rows and all(r["correct"] is True and r["ms_p50"] > 0 for r in rows), rows
 
 
 @cpu_only
@@ -314,12 +330,60 @@ def test_add_speedups():
     assert ours["speedup_vs_reference"] == 2.0 and ours["speedup_vs_sdpa"] is None
     assert ours["speedup_vs_flash_attn"] == pytest.approx(0.667, abs=1e-3)
     assert "speedup_vs_broken" not in ours  # a wrong provider is no baseline
+    # The same case at another dropout is another measurement: no speedup across them.
+    other_p = common.make_row(op="a", mode="fwd", shape=shape, dtype="bf16", dropout_p=0.1, provider="xformers",
+                              ms_p50=0.1, correct=True)
+    common.add_speedups(rows + [other_p])
+    assert "speedup_vs_xformers" not in ours
+
+
+def test_quantiles_interpolate_like_torch():
+    times = [4.0, 1.0, 3.0, 2.0, 10.0]
+    expected = torch.quantile(torch.tensor(times, dtype=torch.float64), torch.tensor(common.QUANTILES,
+                                                                                   dtype=torch.float64))
+    assert common.quantiles_ms(times) == pytest.approx(expected.tolist())
+    assert common.quantiles_ms([1.0, 2.0]) == pytest.approx((1.5, 1.2, 1.8))
+
+
+def test_rel_error_and_tolerance():
+    ref = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    out = torch.tensor([[1.0, 2.0], [99.0, float("nan")]])
+    assert common.rel_error(out, ref, torch.tensor([True, False])) == 0.0  # only the rows the mask keeps
+    assert common.rel_error(out, ref) == float("inf")  # NaN in the compared part never passes
+    assert common.rel_error(ref * 1.01, ref) == pytest.approx(0.01)
+    # factor x PyTorch's own error in the dtype, plus the dtype's floor
+    assert common.tolerance(torch.bfloat16, 0.01, 2.0) == pytest.approx(0.025)
+    assert common.tolerance(torch.float32, 1e-6, 3.0) == pytest.approx(1.003e-3)
+
+
+def test_git_commit_marks_a_dirty_checkout(monkeypatch):
+    def fake_git(status, head_rc=0):
+        def run(cmd, **kwargs):
+            out = "abc123\n" if "rev-parse" in cmd else status
+            return subprocess.CompletedProcess(cmd, head_rc if "rev-parse" in cmd else 0, stdout=out, stderr="")
+        return run
+    monkeypatch.setattr(common.subprocess, "run", fake_git(""))
+    assert common.git_commit() == "abc123"
+    monkeypatch.setattr(common.subprocess, "run", fake_git(" M kernels/attention.py\n"))
+    assert common.git_commit() == "abc123-dirty"
+    monkeypatch.setattr(common.subprocess, "run", fake_git("", head_rc=128))  # no .git: the suite's environment
+    monkeypatch.setenv("BENCH_GIT_COMMIT", "def456")
+    assert common.git_commit() == "def456"
 
 
 @cpu_only
 def test_time_ms_cpu_never_zero():
     p50, p20, p80 = common.time_ms(lambda: torch.randn(64, 64) @ torch.randn(64, 64), quick=True)
     assert 0 < p20 <= p50 <= p80
+    # grad_to_none: every timed call starts without the gradients of the one before (no accumulation timed)
+    x = torch.ones(8, requires_grad=True)
+    calls = []
+
+    def backward():
+        calls.append(x.grad is None)
+        x.sum().backward()
+    common.time_ms(backward, grad_to_none=[x], quick=True)
+    assert calls[1:] == [True] * (len(calls) - 1) and len(calls) > 2
 
 
 def test_gpu_suite_parses_and_dry_runs(tmp_path):
