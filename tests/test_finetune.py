@@ -118,6 +118,19 @@ def test_a_metrics_line_covers_its_whole_window(tasks_dir, tiny_config, ds_confi
         assert window["train_metric"] == pytest.approx((first["train_metric"] + second["train_metric"]) / 2)
 
 
+def test_epochs_count_optimizer_steps_of_the_global_batch(tasks_dir, tiny_config, ds_config, tmp_path):
+    """--epochs 3 over the 16 retrieval training pairs, micro batches of 8 accumulating into steps of 16: 3 steps,
+    one an epoch."""
+    with open(ds_config) as f:
+        config = json.load(f) | {"train_batch_size": 16, "train_micro_batch_size_per_gpu": 8}
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    assert finetune.main(["--task", "retrieval", "--init", "none", "--model", tiny_config, "--data", tasks_dir,
+                          "--deepspeed_config", str(tmp_path / "ds.json"), "--epochs", "3", "--log_interval", "1",
+                          "--output_dir", str(tmp_path / "out")]) == 0
+    lines = [line for line in metrics_lines(tmp_path / "out") if "loss" in line]
+    assert [(line["step"], line["epoch"], line["samples"]) for line in lines] == [(1, 0, 16), (2, 1, 32), (3, 2, 48)]
+
+
 @pytest.mark.parametrize("task", ["vqa", "retrieval", "referring"])
 def test_finetune_trains_saves_and_reloads(task, tasks_dir, tiny_config, ds_config, tmp_path):
     output_dir = tmp_path / task

@@ -148,10 +148,11 @@ def rank_pids(process):
 
 
 # ---- the launcher runs: ZeRO stages, matching a single process ------------------------------------------------------
-def two_ranks_and_one(directory, store, stage, steps=24):
+def two_ranks_and_one(directory, store, stage):
     """The same run (fp32, no dropout, clipping 1.0) on 2 ranks x micro 4 and on 1 rank x micro 4 x 2 accumulation
-    steps: the same global batches. Returns the common arguments and the two output dirs."""
-    common = ["--data", store, "--model", model_config(directory, dropout=0.0), "--max_steps", str(steps),
+    steps: the same global batches, 2 epochs of the 96 samples (24 steps of 8, counted from --epochs on each world
+    size). Returns the common arguments and the two output dirs."""
+    common = ["--data", store, "--model", model_config(directory, dropout=0.0), "--epochs", "2",
               "--deepspeed_config", ds_config(directory, stage=stage), "--save_interval", "100"]
     output = run(2, directory / "two", *common)
     assert "running on the CPU with gloo" in output and "2 rank(s)" in output
@@ -265,9 +266,8 @@ def interrupt_and_resume(directory, common, ranks, sig, at_step):
         assert process.returncode == 0, output[-5000:]
         assert "checkpoint saved, rerun to resume" in output
     stopped = max(metrics(cut))
-    steps = int(common[common.index("--max_steps") + 1])
-    assert stopped < steps, "the run finished before the signal arrived"
     assert "resumed from" in run(ranks, cut, *common)
+    assert stopped < max(metrics(cut)), "the run finished before the signal arrived"
     return cut
 
 
@@ -276,7 +276,7 @@ def test_the_schedule_is_the_official_one_and_metrics_log_the_lr_each_step_used(
     """Step k runs at iteration k - 1 of the linear warmup and decay (the official LambdaLR schedule): only step 1 at
     lr 0. (DeepSpeed's scheduler alone put steps 1 and 2 at lr 0, and get_lr() after the step is the next step's.)"""
     _, straight, _ = zero2_runs
-    peak, total = 3e-3, 24  # ds_config's lr, the runs' --max_steps
+    peak, total = 3e-3, 24  # ds_config's lr, the runs' steps
     warmup = max(1, round(0.1 * total))
     official = [peak * (i / warmup if i < warmup else max(0.0, (total - i) / (total - warmup))) for i in range(total)]
     assert losses(straight, "lr") == pytest.approx(official, rel=1e-6)
@@ -324,8 +324,7 @@ def test_resume_refuses_another_seed_batch_or_world_size_and_no_resume_starts_ov
     output, _ = process.communicate(timeout=RUN_TIMEOUT)
     assert process.returncode != 0
     assert "global_step24 was saved by 2 ranks, this run has 1" in output, output[-3000:]
-    steps = common.index("--max_steps") + 1
-    run(1, tmp_path / "out", *common[:steps], "2", *common[steps + 1:], "--seed", "1", "--no_resume")
+    run(1, tmp_path / "out", *common, "--max_steps", "2", "--seed", "1", "--no_resume")  # (overrides --epochs)
     assert max(metrics(tmp_path / "out")) == 2
     with open(tmp_path / "out" / "latest") as f:
         assert f.read() == "global_step2"
@@ -628,3 +627,23 @@ def test_timed_counts_the_wait_for_each_item():
     waited = [0.0]
     assert list(loop.timed(slow_items(), waited)) == [0, 1, 2]
     assert 0.06 <= waited[0] < 1.0
+
+
+def test_metrics_window_adds_up_the_ranks_and_averages_their_wait(monkeypatch):
+    """Two ranks with the same window: samples and the task's sums add up, the data wait is their mean share of the
+    window, and the seconds spent saving (pause) are left out of it."""
+    monkeypatch.setattr(loop, "dist", types.SimpleNamespace(all_reduce=lambda t: t.mul_(2)))  # the other rank's twin
+    clock = iter([100.0, 104.0, 200.0, 203.0, 206.0, 300.0])
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
+
+    def summarize(sums, micro_steps, seconds):
+        return {"sums": sums, "micro_steps": micro_steps}
+
+    window = loop.MetricsWindow()  # starts at 100
+    window.add(torch.tensor([2.0, 3.0]), [5.0], samples=4, waited=1.0)
+    window.add(torch.tensor([1.0, 1.0]), [3.0], samples=4, waited=0.5)
+    assert window.close(summarize, world_size=2) == {  # at 104: 4 s
+        "sums": [6.0, 8.0, 16.0], "micro_steps": 4.0, "samples_per_s": 16 / 4, "data_wait": 3.0 / 2 / 4}
+    window.add(torch.tensor([0.0, 0.0]), [0.0], samples=4, waited=0.0)  # the next window starts at 200
+    window.pause(since=201.0)  # a save from 201 to 203
+    assert window.close(summarize, world_size=2)["samples_per_s"] == 8 / 4  # at 206: 6 s, 2 of them saving
