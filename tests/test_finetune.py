@@ -471,22 +471,29 @@ def step_samples(output_dir):
         return {r["step"]: r["indices"] for r in map(json.loads, f)}
 
 
-# SIGTERM during micro step 3 stops after optimizer step 2 (the end of epoch 0), during micro step 5 after step 3
-# (half way through epoch 1).
-@pytest.mark.parametrize("signal_at_micro_step", [3, 5])
-def test_sigterm_then_resume_equals_uninterrupted(signal_at_micro_step, uninterrupted, tasks_dir, resume_configs,
-                                                  tmp_path, monkeypatch, capsys):
+def sigterm_during_micro_step(monkeypatch, micro_step):
+    """SIGTERM to this process during the forward of micro step `micro_step` (counted from 1)."""
     calls = {"n": 0}
     task_targets = finetune.task_targets
 
     def signalling_task_targets(task, batch):
         calls["n"] += 1
-        if calls["n"] == signal_at_micro_step:
+        if calls["n"] == micro_step:
             os.kill(os.getpid(), signal.SIGTERM)  # handled by finetune.py: finish the step, save, exit 0
         return task_targets(task, batch)
 
     monkeypatch.setattr(finetune, "task_targets", signalling_task_targets)
-    assert resume_run(tmp_path, tasks_dir, resume_configs) == 0
+
+
+# SIGTERM during micro step 3 stops after optimizer step 2 (the end of epoch 0), during micro step 5 after step 3
+# (half way through epoch 1). With loader workers the sampler runs batches ahead of the loop: the checkpoint must hold
+# the loop's position.
+@pytest.mark.parametrize("signal_at_micro_step, workers", [(3, 0), (5, 0), (5, 2)])
+def test_sigterm_then_resume_equals_uninterrupted(signal_at_micro_step, workers, uninterrupted, tasks_dir,
+                                                  resume_configs, tmp_path, monkeypatch, capsys):
+    task_targets = finetune.task_targets
+    sigterm_during_micro_step(monkeypatch, signal_at_micro_step)
+    assert resume_run(tmp_path, tasks_dir, resume_configs, "--num_workers", str(workers)) == 0
     stopped_at = (signal_at_micro_step + 1) // 2
     assert "checkpoint saved, rerun to resume" in capsys.readouterr().out
     assert max(step_samples(tmp_path)) == stopped_at and not (tmp_path / "final").exists()
@@ -522,6 +529,15 @@ def test_zero2_matches_zero0_and_exports_fp32_weights(tasks_dir, tiny_config, ds
     for name, value in runs["zero0"][1].items():
         assert value.dtype == runs["zero2"][1][name].dtype == torch.float32
         torch.testing.assert_close(runs["zero2"][1][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_stop_logs_the_steps_since_the_last_line(tasks_dir, resume_configs, tmp_path, monkeypatch):
+    """--log_interval 4 and SIGTERM during step 3: the stop writes a line for steps 1-3 (a resumed run starts a new
+    window). The metrics.jsonl of a run that saved no checkpoint is replaced, not continued: its steps run again."""
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 9, "loss": 0.0}) + "\n")
+    sigterm_during_micro_step(monkeypatch, 5)
+    assert resume_run(tmp_path, tasks_dir, resume_configs, "--log_interval", "4") == 0
+    assert [line["step"] for line in metrics_lines(tmp_path)] == [3]
 
 
 @pytest.mark.slow
