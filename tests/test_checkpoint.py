@@ -145,6 +145,16 @@ def test_official_load_from_path_and_directory(tmp_path):
     torch.save(official, tmp_path / "pytorch_model_19.bin")  # two epochs' checkpoints: which one is meant?
     with pytest.raises(ValueError, match=r"several checkpoints .*pytorch_model_19.bin.*pass the file's path"):
         model.load_official_state_dict(tmp_path)
+    # A directory holding our weights and a pytorch_model.bin: ours (save_pretrained's) are read, then the .bin.
+    from safetensors.torch import save_file
+    from vilbert.checkpoint import read_state_dict
+    both = tmp_path / "both"
+    both.mkdir()
+    save_file({"x": torch.ones(1)}, str(both / "model.safetensors"))
+    torch.save({"x": torch.zeros(1)}, both / "pytorch_model.bin")
+    assert read_state_dict(both)["x"].item() == 1.0
+    (both / "model.safetensors").unlink()
+    assert read_state_dict(both)["x"].item() == 0.0
 
 
 def test_official_load_errors_name_the_key():

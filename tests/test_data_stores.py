@@ -57,13 +57,14 @@ def write_tsv(path, records, header=False, cls_prob=True):
             f.write(b"\t".join(cells) + b"\n")
 
 
-def write_official_lmdb(path, records, base64_arrays=False):
+def write_official_lmdb(path, records, base64_arrays=False, num_boxes=True):
     """vilbert-multi-task's downstream feature LMDB: str(image_id) -> pickled dict; b"keys" -> pickled key list."""
     env = lmdb.open(str(path), map_size=1 << 30)
     with env.begin(write=True) as txn:
         for r in records:
-            item = {"image_id": int(r["image_id"]), "image_h": r["image_h"], "image_w": r["image_w"],
-                    "num_boxes": len(r["boxes"])}
+            item = {"image_id": int(r["image_id"]), "image_h": r["image_h"], "image_w": r["image_w"]}
+            if num_boxes:
+                item["num_boxes"] = len(r["boxes"])
             for field in ("boxes", "features"):
                 item[field] = b64(r[field]) if base64_arrays else r[field]
             txn.put(r["image_id"].encode(), pickle.dumps(item))
@@ -179,10 +180,12 @@ def test_single_file_lmdb_whose_first_line_holds_a_tab_is_not_a_tsv(tmp_path):
 def test_official_lmdb_reader_and_converter(tmp_path, records):
     write_official_lmdb(tmp_path / "feat.lmdb", records)
     write_official_lmdb(tmp_path / "feat_b64.lmdb", records, base64_arrays=True)
+    # Without num_boxes the rows are cut as the official reader cuts them: features into 2048, boxes into 4.
+    write_official_lmdb(tmp_path / "feat_no_count.lmdb", records, base64_arrays=True, num_boxes=False)
     # COCO-style captions, two per image.
     annotations = [{"image_id": int(r["image_id"]), "caption": c} for r in records for c in (r["captions"][0], "x")]
     (tmp_path / "captions.json").write_text(json.dumps({"annotations": annotations}))
-    for name in ("feat.lmdb", "feat_b64.lmdb"):
+    for name in ("feat.lmdb", "feat_b64.lmdb", "feat_no_count.lmdb"):
         assert detect_format(tmp_path / name) == "official-lmdb"
         reader = open_store(tmp_path / name)
         assert isinstance(reader, OfficialFeatureLmdb) and len(reader) == len(records)
@@ -211,6 +214,22 @@ def test_official_pretrain_lmdb_reader_and_converter(tmp_path, records, subdir, 
     store = open_store(tmp_path / "store")
     for i, r in enumerate(records):
         assert_same_record(store[i], r, fp16=True)
+
+
+def test_official_pretrain_lmdb_whose_arrays_read_as_text(tmp_path, records):
+    """Written without use_bin_type, a record whose every byte string is valid UTF-8 (all-zero arrays, say) decodes
+    with its arrays as str: they are the same bytes."""
+    zeros = {**records[1], **{field: np.zeros_like(records[1][field]) for field in ("features", "boxes", "cls_prob")}}
+    write_tensorpack_lmdb(tmp_path / "zeros.lmdb", [zeros, records[2]], use_bin_type=False)
+    reader = open_store(tmp_path / "zeros.lmdb")
+    assert_same_record(reader[0], zeros)
+    assert_same_record(reader[1], records[2])
+
+
+def test_validate_record_gives_canonical_types(records):
+    """Sizes as ints rounded from any number, a caption as a one-caption list."""
+    record = validate_record({**records[0], "image_w": "639.6", "image_h": 480.4, "captions": "a dog"}, "here")
+    assert (record["image_w"], record["image_h"], record["captions"]) == (640, 480, ["a dog"])
 
 
 def test_bad_tsv_row_is_named_or_skipped(tmp_path, records):
