@@ -247,6 +247,26 @@ def test_bad_tsv_row_is_named_or_skipped(tmp_path, records):
     assert [r["image_id"] for r in open_store(tmp_path / "store")] == ["1000", "1001", "1003", "1004"]
 
 
+def test_cli_skips_bad_records_only_when_asked_and_verifies(tmp_path, records, capsys):
+    write_tsv(tmp_path / "a.tsv", records)
+    lines = (tmp_path / "a.tsv").read_bytes().split(b"\n")
+    lines[2] = lines[2][: len(lines[2]) // 2]  # truncated row of image 1002
+    (tmp_path / "a.tsv").write_bytes(b"\n".join(lines))
+    assert main(["convert", "--from", "tsv", str(tmp_path / "a.tsv"), str(tmp_path / "store")]) == 1
+    assert "record 2 (image_id '1002')" in capsys.readouterr().err
+    assert main(["convert", "--from", "tsv", str(tmp_path / "a.tsv"), str(tmp_path / "store"), "--skip-bad"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 4 records to" in out and "(skipped 1 bad)" in out
+    env = lmdb.open(str(tmp_path / "store"))
+    with env.begin(write=True) as txn:
+        value = txn.get(b"%010d" % 2)
+        txn.put(b"%010d" % 2, value[: len(value) // 2])  # damaged after the conversion
+    env.close()
+    assert main(["info", str(tmp_path / "store"), "--sample", "1"]) == 0  # reads record 0 only
+    assert main(["info", str(tmp_path / "store"), "--sample", "1", "--verify"]) == 1
+    assert "record 2" in capsys.readouterr().err
+
+
 def test_bad_values_and_shapes_are_named(tmp_path, records):
     nan = [dict(r) for r in records]
     nan[3]["features"] = nan[3]["features"].copy()
