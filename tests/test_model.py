@@ -292,6 +292,7 @@ def test_losses_without_targets_are_zero_not_nan():
     out = model(**batch)
     assert out.mlm_logits.shape == (0, config.vocab_size)
     assert out.mlm_loss.item() == 0.0 and out.region_loss.item() == 0.0
+    assert out.mlm_acc is None  # no accuracy without targets (a mean over none would be NaN)
     assert torch.isfinite(out.loss)
     out.loss.backward()
 
@@ -372,7 +373,7 @@ def test_task_heads_forward_backward():
     assert out.logits.shape == (4,)
     torch.testing.assert_close(out.loss, F.cross_entropy(out.logits.view(2, 2), torch.tensor([0, 1])))
     for labels in (torch.tensor([0, 1, 0]), torch.zeros(4, dtype=torch.long),  # 4 groups of 1: the loss would be 0
-                   torch.tensor([0, 1], dtype=torch.int32), [0, 1], torch.tensor([0, 2])):
+                   torch.tensor([0, 1], dtype=torch.int32), [0, 1], torch.tensor([0, 2]), torch.tensor([-1, 0])):
         with pytest.raises(ValueError, match="choice_labels"):
             retrieval(**inputs, choice_labels=labels)
     with pytest.raises(ValueError, match="answer_scores"):
@@ -425,6 +426,7 @@ def test_single_stream_forward_backward():
     ("mlm_labels", torch.full((2, 4), -1), "official data marks non-targets -1"),
     ("mlm_labels", torch.full((2, 4), 128), r"token ids in \[0, 128\)"),
     ("is_aligned", torch.tensor([1, 2]), "expected 0 or 1"),
+    ("is_aligned", torch.tensor([-1, 1]), "expected 0 or 1"),
 ])
 def test_bad_inputs_name_the_argument(name, value, message):
     config = tiny()
@@ -475,9 +477,11 @@ def test_co_attention_drops_each_direction_at_its_official_rate(monkeypatch):
     (ViLBERTForPretraining, "alignment_logits", lambda model: model.cls.bi_seq_relationship),
     (ViLBERTForRetrieval, "pair_scores", lambda model: lambda x: model.vil_logit(x).squeeze(-1)),
 ], ids=["alignment", "retrieval"])
-def test_heads_drop_the_joint_vector_in_training_only(model_class, head, classifier):
-    """As the official heads: dropout (hidden_dropout_prob) on pooled_text * pooled_image before the classifier."""
-    config = tiny(hidden_dropout_prob=0.5)
+@pytest.mark.parametrize("pooling, fuse", [("mul", torch.mul), ("sum", torch.add)])
+def test_heads_drop_the_joint_vector_in_training_only(model_class, head, classifier, pooling, fuse):
+    """As the official heads: dropout (hidden_dropout_prob) on the joint vector before the classifier, the joint vector
+    pooled_text * pooled_image (the paper) or, with pooling_method "sum", pooled_text + pooled_image."""
+    config = tiny(hidden_dropout_prob=0.5, pooling_method=pooling)
     model = model_class(config)
     out = types.SimpleNamespace(pooled_text=torch.randn(64, config.bi_hidden_size),
                                 pooled_image=torch.randn(64, config.bi_hidden_size))
@@ -485,4 +489,22 @@ def test_heads_drop_the_joint_vector_in_training_only(model_class, head, classif
     torch.manual_seed(0)
     assert not torch.equal(head(out), head(out)), "training: two calls should draw two dropout masks"
     model.eval()
-    torch.testing.assert_close(head(out), classifier(model)(out.pooled_text * out.pooled_image), rtol=0, atol=0)
+    torch.testing.assert_close(head(out), classifier(model)(fuse(out.pooled_text, out.pooled_image)), rtol=0, atol=0)
+
+
+def test_vqa_head_is_the_official_simple_classifier():
+    """vil_prediction: Linear(bi, 2 bi), exact (erf) GELU, LayerNorm, Linear(2 bi, num_answers)."""
+    config = tiny()
+    head = ViLBERTForVQA(config).vil_prediction
+    first, _, norm, last = head.logit_fc
+    x = torch.randn(5, config.bi_hidden_size)
+    hidden = F.layer_norm(F.gelu(first(x)), (2 * config.bi_hidden_size,), norm.weight, norm.bias, 1e-12)
+    torch.testing.assert_close(head(x), last(hidden))
+
+
+def test_alignment_log_odds_are_those_of_the_heads_probability():
+    """log(p / (1 - p)) with p the softmax probability that the caption belongs to the image (zero-shot retrieval's
+    score)."""
+    logits = torch.randn(6, 2, dtype=torch.float64)
+    p = logits.softmax(-1)[:, vilbert_model.ALIGNED]
+    torch.testing.assert_close(vilbert_model.alignment_log_odds(logits), torch.log(p / (1 - p)))
