@@ -142,8 +142,10 @@ def test_retrieval_caption_readers(tmp_path):
     mt = tmp_path / "all_data_final_test_set0_2014.jsonline"
     mt.write_text('{"sentences": ["a dog", "one dog"], "id": 7, "img_path": "COCO_val2014_000000000007.jpg"}\n'
                   '{"sentences": ["a cat"], "img_path": "1007.jpg"}\n'
-                  '{"sentences": ["a cow"], "id": 0, "img_path": "flickr30k_images/1000092795.jpg"}\n')
-    assert load_captions(str(mt)) == [(7, "a dog"), (7, "one dog"), (1007, "a cat"), (1000092795, "a cow")]
+                  '{"sentences": ["a cow"], "id": 0, "img_path": "flickr30k_images/1000092795.jpg"}\n'
+                  '{"sentences": ["a hen"], "img_path": "farm/hen_2.jpg"}\n')  # no id: the stem, a number or not
+    assert load_captions(str(mt)) == [(7, "a dog"), (7, "one dog"), (1007, "a cat"), (1000092795, "a cow"),
+                                      ("hen_2", "a hen")]
     mt.write_text('{"sentences": ["a dog"], "url": "x"}\n')
     with pytest.raises(ValueError, match=":1: expected an image id"):
         load_captions(str(mt))
