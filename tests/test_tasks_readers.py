@@ -289,6 +289,12 @@ def test_referring_reader_and_targets(tmp_path, store, tokenizer):
     assert referring_hits(logits, batch).tolist() == [1.0, 1.0]
     logits[1, 3] = 5.0  # region 2 (IoU 0.2): miss
     assert referring_hits(logits, batch).tolist() == [1.0, 0.0]
+    batch["region_iou"][1, 3] = 0.5  # IoU 0.5 exactly: a hit (>= 0.5, as the official evaluation)
+    assert referring_hits(logits, batch).tolist() == [1.0, 1.0]
+    # The same refs as JSON lines, blank lines skipped.
+    lines = tmp_path / "refs.jsonl"
+    lines.write_text("\n".join(json.dumps(ref) for ref in json.loads((tmp_path / "refs.json").read_text())) + "\n\n")
+    assert load_refs(str(lines)) == examples
 
 
 def test_referring_reader_errors(tmp_path, store, tokenizer):
