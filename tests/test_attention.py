@@ -314,6 +314,25 @@ def test_co_attention_equals_two_attention_calls(device, tiles, seed, T, V, D, t
     assert_rel_close(image_out, reference_attention(iq, tk, tv, image_lens, text_lens), 1e-4, "image_out")
 
 
+def test_co_attention_covers_the_longer_streams_query_tiles(device, tiles, seed):
+    """10 text queries (one 64-row tile) and 100 image queries (two): the launch both directions share must run every
+    query tile of the longer stream, forward and backward (NaN-poisoned outputs show a tile never run)."""
+    B, T, V, H, D = 2, 10, 100, 1, 16
+    inputs = [torch.randn(B, L, H, D, device=device) for L in (T, T, T, V, V, V)]
+    text_lens, image_lens = lens_tensor([10, 4], device), lens_tensor([100, 65], device)
+    grad_out = (torch.randn(B, T, H, D, device=device), torch.randn(B, V, H, D, device=device))
+    outs, grads = run_with_grads(lambda *x: co_attention(*x, text_lens, image_lens), inputs, grad_out)
+
+    def reference_co_attention(tq, tk, tv, iq, ik, iv):
+        return (reference_attention(tq, ik, iv, text_lens, image_lens),
+                reference_attention(iq, tk, tv, image_lens, text_lens))
+    ref_inputs = [t.double().requires_grad_() for t in inputs]
+    ref_outs = reference_co_attention(*ref_inputs)
+    ref_grads = torch.autograd.grad(ref_outs, ref_inputs, tuple(g.double() for g in grad_out))
+    for i, (got, want) in enumerate(zip(outs + grads, ref_outs + ref_grads)):
+        assert_rel_close(got, want, 1e-4, f"output {i}")
+
+
 def test_strided_lengths_read_as_their_values(device, tiles, seed):
     """Lengths given as an expanded (stride 0) or strided view: the kernels must read lens[b], not memory b."""
     B, T, V, H, D = 4, 7, 11, 1, 16
