@@ -232,12 +232,16 @@ def test_validate_record_gives_canonical_types(records):
     assert (record["image_w"], record["image_h"], record["captions"]) == (640, 480, ["a dog"])
 
 
+def write_tsv_truncating_row_2(path, records):
+    """write_tsv, then record 2's row (image 1002) cut in half."""
+    write_tsv(path, records)
+    lines = path.read_bytes().split(b"\n")
+    lines[2] = lines[2][: len(lines[2]) // 2]
+    path.write_bytes(b"\n".join(lines))
+
+
 def test_bad_tsv_row_is_named_or_skipped(tmp_path, records):
-    write_tsv(tmp_path / "a.tsv", records)
-    data = (tmp_path / "a.tsv").read_bytes()
-    lines = data.split(b"\n")
-    lines[2] = lines[2][: len(lines[2]) // 2]  # truncated row of image 1002
-    (tmp_path / "a.tsv").write_bytes(b"\n".join(lines))
+    write_tsv_truncating_row_2(tmp_path / "a.tsv", records)
     with pytest.raises(BadRecordError, match=r"record 2 \(image_id '1002'\)") as error:
         convert(tmp_path / "a.tsv", tmp_path / "store", progress=False)
     assert error.value.image_id == "1002"
@@ -248,10 +252,7 @@ def test_bad_tsv_row_is_named_or_skipped(tmp_path, records):
 
 
 def test_cli_skips_bad_records_only_when_asked_and_verifies(tmp_path, records, capsys):
-    write_tsv(tmp_path / "a.tsv", records)
-    lines = (tmp_path / "a.tsv").read_bytes().split(b"\n")
-    lines[2] = lines[2][: len(lines[2]) // 2]  # truncated row of image 1002
-    (tmp_path / "a.tsv").write_bytes(b"\n".join(lines))
+    write_tsv_truncating_row_2(tmp_path / "a.tsv", records)
     assert main(["convert", "--from", "tsv", str(tmp_path / "a.tsv"), str(tmp_path / "store")]) == 1
     assert "record 2 (image_id '1002')" in capsys.readouterr().err
     assert main(["convert", "--from", "tsv", str(tmp_path / "a.tsv"), str(tmp_path / "store"), "--skip-bad"]) == 0
